@@ -1,0 +1,196 @@
+"""The loopback HTTP API for tills (Starlette, served by uvicorn).
+
+Every write goes through one dedicated thread: SQLite has one writer anyway, and a single thread
+keeps the commits in arrival order without a crowd of threads queueing on a lock. Errors always
+have the shape {"error": {"code", "message", "field"}}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from agent import __version__
+from agent.clock import Clock
+from agent.errors import InvalidSale, SaleConflict, StorageError
+from agent.intake import IntakeRules, accept
+from agent.logs import get_logger
+from agent.openapi import openapi_document
+from agent.queue.outbox import Outbox
+from agent.receipts import sale_view
+from agent.secret import Secret
+
+log = get_logger("agent.api")
+
+
+@dataclass(frozen=True, slots=True)
+class ApiContext:
+    outbox: Outbox
+    rules: IntakeRules
+    clock: Clock
+    writer: Executor
+    max_body_bytes: int
+    started_at: datetime
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def error(status: int, code: str, message: str, field: str | None = None,
+          headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message, "field": field}},
+                        status_code=status, headers=headers)
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _TooLarge
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
+    async def post_sale(request: Request) -> Response:
+        try:
+            body = await _body(request, ctx.max_body_bytes)
+        except _TooLarge:
+            return error(413, "too_large", f"the body is larger than {ctx.max_body_bytes} bytes; "
+                         "split the sale or raise http.max_body_bytes", None)
+        try:
+            data = json.loads(body, parse_float=Decimal)
+        except (ValueError, RecursionError):
+            return error(422, "invalid_json", "the body is not valid JSON; send one sale as a JSON object")
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(ctx.writer, accept, ctx.outbox, data, ctx.rules, ctx.clock())
+        except InvalidSale as exc:
+            return error(422, exc.code, exc.message, exc.field)
+        except SaleConflict as exc:
+            return error(409, "conflict", str(exc), "sale_id")
+        return JSONResponse(sale_view(result.record), status_code=201 if result.created else 200)
+
+    async def get_sale(request: Request) -> Response:
+        sale_id = request.path_params["sale_id"]
+        till_id = request.query_params.get("till_id")
+        if till_id is not None:
+            record = await run_in_threadpool(ctx.outbox.get, till_id, sale_id)
+            records = [] if record is None else [record]
+        else:
+            records = await run_in_threadpool(ctx.outbox.find, sale_id)
+        if not records:
+            return error(404, "not_found", f"no sale {sale_id!r} is stored; check the sale_id"
+                         + (" and till_id" if till_id else ""), "sale_id")
+        if len(records) > 1:
+            tills = ", ".join(r.till_id for r in records)
+            return error(409, "ambiguous", f"tills {tills} each have a sale {sale_id!r}; "
+                         "add ?till_id=... to choose one", "till_id")
+        return JSONResponse(sale_view(records[0]))
+
+    async def status(request: Request) -> Response:
+        stats = await run_in_threadpool(ctx.outbox.stats)
+        now = ctx.clock()
+        oldest = stats.oldest_unsigned_at
+        backlog = stats.sales - stats.kra.get("signed", 0) - stats.kra.get("void", 0)
+        body: dict[str, Any] = {
+            "agent": {"version": __version__, "started_at": ctx.started_at.isoformat(),
+                      "uptime_s": round((now - ctx.started_at).total_seconds(), 3)},
+            "outbox": {"sales": stats.sales, "journal_entries": stats.journal_entries},
+            "lanes": {
+                "kra": {"state": "not_running",
+                        "detail": "no KRA signing lane in this version; sales wait in the outbox",
+                        "backlog": backlog, "by_state": stats.kra,
+                        "oldest_unsigned_age_s": None if oldest is None
+                        else round((now - oldest).total_seconds(), 3)},
+                "tsms": {"state": "not_running",
+                         "detail": "no head-office sync lane in this version",
+                         "backlog": stats.sales - stats.tsms.get("synced", 0), "by_state": stats.tsms},
+            },
+        }
+        return JSONResponse(body)
+
+    async def health(request: Request) -> Response:
+        try:
+            await run_in_threadpool(ctx.outbox.ping)
+        except StorageError as exc:
+            return error(503, "storage", str(exc))
+        return JSONResponse({"status": "ok"})
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(openapi_document(__version__, ctx.rules.max_lines))
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 404:
+            return error(404, "not_found", f"no such endpoint {request.url.path}; see /openapi.json")
+        if exc.status_code == 405:
+            return error(405, "method_not_allowed",
+                         f"{request.method} is not allowed on {request.url.path}; see /openapi.json",
+                         headers=dict(exc.headers or {}))
+        return error(exc.status_code, "http_error", str(exc.detail))
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        if isinstance(exc, StorageError):
+            log.error("storage_error", path=request.url.path, error=str(exc))
+            return error(503, "storage", str(exc))
+        log.exception("unhandled_error", path=request.url.path)
+        return error(500, "internal", "the agent hit an unexpected error; it is logged, "
+                     "retry the request and report it if it persists")
+
+    handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
+        HTTPException: http_error, Exception: server_error,
+    }
+    app: ASGIApp = Starlette(
+        routes=[
+            Route("/v1/sales", post_sale, methods=["POST"]),
+            Route("/v1/sales/{sale_id:path}", get_sale, methods=["GET"]),
+            Route("/v1/status", status, methods=["GET"]),
+            Route("/health", health, methods=["GET"]),
+            Route("/openapi.json", openapi, methods=["GET"]),
+        ],
+        exception_handlers=handlers,
+    )
+    if till_token is not None:
+        app = BearerAuth(app, till_token)
+    return app
+
+
+class BearerAuth:
+    """Every request must carry `Authorization: Bearer <till token>`."""
+
+    def __init__(self, app: ASGIApp, token: Secret) -> None:
+        self.app = app
+        self.token = token
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            scheme, _, given = header.partition(" ")
+            if scheme.lower() != "bearer" or not self.token.matches(given.strip()):
+                response = error(401, "unauthorized",
+                                 "missing or wrong till token; send `Authorization: Bearer <token>` "
+                                 "with the token configured in http.till_token",
+                                 headers={"WWW-Authenticate": 'Bearer realm="etims-agent"'})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

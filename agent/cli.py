@@ -1,0 +1,132 @@
+"""The technician's command line: thin; it parses arguments and calls the library."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from agent import __version__
+from agent.app import check_exposure, outbox_path, run
+from agent.config import Config, load_config
+from agent.errors import AgentError, ConfigError, DataDirLocked, StorageError
+from agent.logs import configure
+from agent.queue.outbox import Outbox
+
+# Locals in tracebacks would print secrets; never show them.
+app = typer.Typer(pretty_exceptions_show_locals=False, no_args_is_help=True, add_completion=False,
+                  help="etims-agent: the KRA eTIMS edge agent beside the till.")
+config_app = typer.Typer(no_args_is_help=True, help="Check the configuration.")
+app.add_typer(config_app, name="config")
+
+ConfigOption = Annotated[Path | None, typer.Option(
+    "--config", "-c", help="TOML config file (default: $ETIMS_AGENT_CONFIG, else built-in defaults).",
+    dir_okay=False)]
+
+
+def _exit_code(exc: AgentError) -> int:
+    if isinstance(exc, ConfigError):
+        return 2
+    if isinstance(exc, DataDirLocked):
+        return 3
+    if isinstance(exc, StorageError):
+        return 4
+    return 1
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Print an AgentError as one sentence (no traceback) and exit with its code."""
+    try:
+        yield
+    except AgentError as exc:
+        typer.echo(f"etims-agent: {exc}", err=True)
+        raise typer.Exit(_exit_code(exc)) from None
+
+
+def _load(path: Path | None) -> Config:
+    return load_config(path)
+
+
+@app.command("run")
+def run_cmd(config: ConfigOption = None) -> None:
+    """Run the agent in the foreground (stop with Ctrl-C or SIGTERM)."""
+    with _errors():
+        cfg = _load(config)
+        configure(cfg.log.level, cfg.log.format)
+        run(cfg)
+
+
+@app.command()
+def status(config: ConfigOption = None,
+           as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Show the outbox: sales by lane state and the oldest unsigned sale (works while running)."""
+    with _errors():
+        cfg = _load(config)
+        outbox = Outbox.open(outbox_path(cfg.data_dir), readonly=True)
+        try:
+            stats = outbox.stats()
+        finally:
+            outbox.close()
+        body: dict[str, Any] = {
+            "data_dir": str(cfg.data_dir), "sales": stats.sales, "kra": stats.kra,
+            "tsms": stats.tsms, "journal_entries": stats.journal_entries,
+            "oldest_unsigned_at": stats.oldest_unsigned_at.isoformat() if stats.oldest_unsigned_at else None,
+        }
+        if as_json:
+            typer.echo(json.dumps(body, indent=2))
+            return
+        for key, value in body.items():
+            typer.echo(f"{key:20} {value}")
+
+
+@app.command()
+def verify(config: ConfigOption = None) -> None:
+    """Check the journal's hash chain against the stored sales; exit 1 if anything is wrong."""
+    with _errors():
+        cfg = _load(config)
+        outbox = Outbox.open(outbox_path(cfg.data_dir), readonly=True)
+        try:
+            problems = outbox.verify()
+            entries = len(outbox.journal())
+        finally:
+            outbox.close()
+    for problem in problems:
+        typer.echo(f"PROBLEM {problem}")
+    if problems:
+        typer.echo(f"journal verification FAILED: {len(problems)} problem(s) in {entries} entries")
+        raise typer.Exit(1)
+    typer.echo(f"journal OK: {entries} entries, chain intact, every sale journalled")
+
+
+@config_app.command("check")
+def config_check(config: ConfigOption = None) -> None:
+    """Parse and validate the config; print the effective settings with secrets masked."""
+    with _errors():
+        cfg = _load(config)
+        check_exposure(cfg)
+    typer.echo(f"config OK ({cfg.source})")
+    typer.echo(f"data_dir             {cfg.data_dir}")
+    typer.echo(f"http                 {cfg.http.host}:{cfg.http.port} "
+               f"token={'set' if cfg.http.till_token else 'none'} max_body={cfg.http.max_body_bytes}")
+    typer.echo(f"sales                prices_include_vat={cfg.sales.prices_include_vat} "
+               f"max_lines={cfg.sales.max_lines}")
+    rates = " ".join(f"{b}={r}" for b, r in cfg.tax.default_rates.items())
+    typer.echo(f"tax.default_rates    {rates}")
+    typer.echo(f"log                  {cfg.log.level} {cfg.log.format}")
+    for key in cfg.secrets_in_file:
+        typer.echo(f"warning: {key} is in the config file; use the environment or keyring in production")
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    typer.echo(__version__)
+
+
+def main() -> None:
+    app()

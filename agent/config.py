@@ -1,0 +1,283 @@
+"""TOML settings parsed into frozen, typed dataclasses.
+
+Parsing is pure (`parse_config(text, base_dir, env)`); `load_config` only finds and reads the file.
+Unknown keys are errors because a misspelt key silently ignored is a setting that never applied.
+Every error names the key, what is wrong and the fix.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, TypeVar
+
+from agent.errors import ConfigError
+from agent.sales import DEFAULT_TAX_RATES, MAX_LINES_KRA, TAX_BANDS
+from agent.secret import Secret
+
+CONFIG_ENV = "ETIMS_AGENT_CONFIG"
+DATA_DIR_ENV = "ETIMS_AGENT_DATA_DIR"
+TILL_TOKEN_ENV = "ETIMS_AGENT_TILL_TOKEN"
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class HttpSettings:
+    host: str = "127.0.0.1"
+    port: int = 8089
+    till_token: Secret | None = None
+    max_body_bytes: int = 1_048_576
+
+    @property
+    def is_loopback(self) -> bool:
+        return is_loopback_host(self.host)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SalesSettings:
+    prices_include_vat: bool = True
+    max_lines: int = 1000
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TaxSettings:
+    default_rates: Mapping[str, Decimal] = field(default_factory=lambda: dict(DEFAULT_TAX_RATES))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LogSettings:
+    level: str = "info"
+    format: str = "logfmt"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Config:
+    data_dir: Path
+    http: HttpSettings = field(default_factory=HttpSettings)
+    sales: SalesSettings = field(default_factory=SalesSettings)
+    tax: TaxSettings = field(default_factory=TaxSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+    source: str = "built-in defaults"
+    secrets_in_file: tuple[str, ...] = ()
+    """Keys whose secret came from the config file; fine for development, warned about otherwise."""
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Config:
+    """Read the config from `path`, else from $ETIMS_AGENT_CONFIG, else use the built-in defaults."""
+    env = os.environ if env is None else env
+    if path is None and env.get(CONFIG_ENV):
+        path = Path(env[CONFIG_ENV])
+    if path is None:
+        return parse_config("", base_dir=Path.cwd(), env=env)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            "--config", f"{path} does not exist", "give the path of an existing TOML file"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("--config", f"cannot read {path} ({exc})", "check the file") from None
+    return parse_config(text, base_dir=path.resolve().parent, env=env, source=str(path))
+
+
+def parse_config(
+    text: str, *, base_dir: Path, env: Mapping[str, str], source: str = "built-in defaults"
+) -> Config:
+    """Parse TOML text; relative paths resolve against `base_dir` (the config file's folder)."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("(file)", f"not valid TOML: {exc}", "fix the syntax", source=source) from None
+
+    root = _Table(raw, "", source)
+    data_dir = root.take("data_dir", _path(base_dir), base_dir / "data")
+    http_t = root.table("http")
+    sales_t = root.table("sales")
+    tax_t = root.table("tax")
+    log_t = root.table("log")
+    root.done()
+
+    in_file: list[str] = []
+    token = http_t.take("till_token", _secret, None)
+    if token is not None:
+        in_file.append("http.till_token")
+    http = HttpSettings(
+        host=http_t.take("host", _host, "127.0.0.1"),
+        port=http_t.take("port", _int(0, 65535), 8089),
+        till_token=token,
+        max_body_bytes=http_t.take("max_body_bytes", _int(1024, 64 * 1024 * 1024), 1_048_576),
+    )
+    http_t.done()
+
+    sales = SalesSettings(
+        prices_include_vat=sales_t.take("prices_include_vat", _bool, True),
+        max_lines=sales_t.take("max_lines", _int(1, MAX_LINES_KRA), 1000),
+    )
+    sales_t.done()
+
+    rates_t = tax_t.table("default_rates")
+    rates = {band: rates_t.take(band, _rate, DEFAULT_TAX_RATES[band]) for band in TAX_BANDS}
+    rates_t.done()
+    tax_t.done()
+
+    log = LogSettings(
+        level=log_t.take("level", _choice("debug", "info", "warning", "error"), "info"),
+        format=log_t.take("format", _choice("logfmt", "json"), "logfmt"),
+    )
+    log_t.done()
+
+    # The environment overrides the file: it is how a service manager hands over paths and secrets.
+    if env.get(DATA_DIR_ENV):
+        data_dir = _path(Path.cwd())(env[DATA_DIR_ENV], DATA_DIR_ENV)
+    if env.get(TILL_TOKEN_ENV):
+        http = _replace_token(http, _secret(env[TILL_TOKEN_ENV], TILL_TOKEN_ENV))
+        in_file = [k for k in in_file if k != "http.till_token"]
+
+    return Config(
+        data_dir=data_dir,
+        http=http,
+        sales=sales,
+        tax=TaxSettings(default_rates=rates),
+        log=log,
+        source=source,
+        secrets_in_file=tuple(in_file),
+    )
+
+
+def _replace_token(http: HttpSettings, token: Secret) -> HttpSettings:
+    return HttpSettings(
+        host=http.host, port=http.port, till_token=token, max_body_bytes=http.max_body_bytes
+    )
+
+
+class _Table:
+    """One TOML table being read; remembers which keys were used so leftovers can be refused."""
+
+    def __init__(self, data: Mapping[str, Any], prefix: str, source: str) -> None:
+        self._data = data
+        self._prefix = prefix
+        self._source = source
+        self._seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self._prefix}{name}"
+
+    def take(self, name: str, parse: Callable[[Any, str], T], default: T) -> T:
+        self._seen.add(name)
+        if name not in self._data:
+            return default
+        try:
+            return parse(self._data[name], self.key(name))
+        except ConfigError as exc:
+            raise ConfigError(exc.key, exc.problem, exc.hint, source=self._source) from None
+
+    def table(self, name: str) -> _Table:
+        self._seen.add(name)
+        value = self._data.get(name, {})
+        if not isinstance(value, dict):
+            raise ConfigError(
+                self.key(name), f"expected a table, got {_kind(value)}",
+                f"write it as a [{self.key(name)}] section", source=self._source,
+            )
+        return _Table(value, f"{self.key(name)}.", self._source)
+
+    def done(self) -> None:
+        unknown = sorted(set(self._data) - self._seen)
+        if unknown:
+            known = ", ".join(sorted(self._seen)) or "(none)"
+            raise ConfigError(
+                self.key(unknown[0]), "unknown setting",
+                f"remove it or fix the spelling; known here: {known}", source=self._source,
+            )
+
+
+def _kind(value: object) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            dict: "a table", list: "an array"}.get(type(value), type(value).__name__)
+
+
+def _bool(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"expected true or false, got {_kind(value)}", "write true or false")
+    return value
+
+
+def _int(lo: int, hi: int) -> Callable[[Any, str], int]:
+    def parse(value: Any, key: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an integer, got {_kind(value)}",
+                              f"write a whole number from {lo} to {hi}")
+        if not lo <= value <= hi:
+            raise ConfigError(key, f"{value} is out of range", f"use a number from {lo} to {hi}")
+        return value
+    return parse
+
+
+def _choice(*options: str) -> Callable[[Any, str], str]:
+    def parse(value: Any, key: str) -> str:
+        if value not in options:
+            raise ConfigError(key, f"{value!r} is not allowed", f"use one of {', '.join(options)}")
+        return str(value)
+    return parse
+
+
+def _nonempty_str(value: Any, key: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(key, f"expected a string, got {_kind(value)}", 'write it in quotes')
+    if not value.strip():
+        raise ConfigError(key, "is empty", "give a value or remove the key to use the default")
+    return value
+
+
+def _path(base_dir: Path) -> Callable[[Any, str], Path]:
+    def parse(value: Any, key: str) -> Path:
+        path = Path(_nonempty_str(value, key)).expanduser()
+        return path if path.is_absolute() else (base_dir / path)
+    return parse
+
+
+def _host(value: Any, key: str) -> str:
+    host = _nonempty_str(value, key)
+    if host != "localhost":
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ConfigError(key, f"{host!r} is not an IP address",
+                              'expected an address such as "127.0.0.1" or "0.0.0.0"') from None
+    return host
+
+
+def _secret(value: Any, key: str) -> Secret:
+    text = _nonempty_str(value, key)
+    if len(text) < 16:
+        raise ConfigError(key, "is shorter than 16 characters",
+                          "use a long random token, e.g. from `python -c 'import secrets; "
+                          "print(secrets.token_urlsafe(32))'`")
+    return Secret(text)
+
+
+def _rate(value: Any, key: str) -> Decimal:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ConfigError(key, f"expected a number, got {_kind(value)}", "write a percentage like 16")
+    try:
+        rate = Decimal(str(value))
+    except InvalidOperation:
+        raise ConfigError(key, f"{value!r} is not a number", "write a percentage like 16") from None
+    if not (rate.is_finite() and Decimal(0) <= rate < Decimal(100)):
+        raise ConfigError(key, f"{value} is out of range", "use a percentage from 0 to 99.99")
+    return rate

@@ -1,0 +1,284 @@
+"""The outbox: the only place the program writes SQL.
+
+One connection, guarded by a lock, opened in WAL mode with synchronous=FULL: a sale the till was
+told about has been fsynced to the write-ahead log and survives a crash or a power cut. Every write
+is one `BEGIN IMMEDIATE` transaction, and a fiscal event is journalled inside the transaction that
+makes it happen, so the journal and the rows can never disagree. sqlite3 errors never leave this
+module: they become StorageError (or SaleConflict for a reused sale id).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from sqlite_utils import Database
+
+from agent.errors import SaleConflict, StorageError
+from agent.queue.journal import GENESIS, JournalEntry, entry_hash, verify_chain
+from agent.queue.schema import migrations
+
+_SALE_COLUMNS = (
+    "id, till_id, sale_id, kind, content_hash, sale, amounts, total, receipt_no, accepted_at, "
+    "kra_state, kra_invc_no, kra_error, kra_signature, kra_signed_at, tsms_state, tsms_synced_at"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class NewSale:
+    """A validated sale, serialised by the intake, ready to store."""
+
+    till_id: str
+    sale_id: str
+    content_hash: str
+    sale_json: str
+    amounts_json: str
+    total: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class SaleRecord:
+    id: int
+    till_id: str
+    sale_id: str
+    kind: str
+    content_hash: str
+    sale: dict[str, Any]
+    amounts: dict[str, Any]
+    total: Decimal
+    receipt_no: int
+    accepted_at: datetime
+    kra_state: str
+    kra_invc_no: int | None
+    kra_error: str | None
+    kra_signature: dict[str, Any] | None
+    kra_signed_at: datetime | None
+    tsms_state: str
+    tsms_synced_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    record: SaleRecord
+    created: bool  # False: a replay of a sale already stored
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStats:
+    sales: int
+    kra: dict[str, int]
+    tsms: dict[str, int]
+    oldest_unsigned_at: datetime | None
+    journal_entries: int
+
+
+def timestamp(now: datetime) -> str:
+    """Stored times are UTC ISO 8601 with microseconds, so text order is time order."""
+    return now.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _time(text: str | None) -> datetime | None:
+    return None if text is None else datetime.fromisoformat(text)
+
+
+class Outbox:
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self._conn = conn
+        self._db = Database(conn, execute_plugins=False)
+        self._lock = threading.Lock()
+        self.path = path
+
+    @classmethod
+    def open(cls, path: Path, *, readonly: bool = False) -> Outbox:
+        """Open (creating and migrating unless readonly) and check the database."""
+        try:
+            if readonly:
+                if not path.exists():
+                    raise StorageError(f"no outbox at {path}; check data_dir, or start the agent once to create it")
+                conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
+                                       check_same_thread=False)
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout = 5000")
+            if not readonly:
+                conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            check = conn.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                conn.close()
+                raise StorageError(
+                    f"the outbox {path} is damaged ({check}); stop the agent, keep a copy of the "
+                    "file and run `etims-agent doctor`"
+                )
+            outbox = cls(conn, path)
+            if not readonly:
+                migrations.apply(outbox._db)
+            return outbox
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open the outbox {path}: {exc}; check the disk and its permissions") from exc
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        # BEGIN IMMEDIATE takes the write lock up front: a deferred BEGIN that reads first can fail
+        # with SQLITE_BUSY when it upgrades, if a technician's command writes at the same moment.
+        with self._lock:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._conn
+                except BaseException:
+                    if self._conn.in_transaction:
+                        self._conn.execute("ROLLBACK")
+                    raise
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise StorageError(f"writing to the outbox {self.path} failed: {exc}; "
+                                   "check free disk space and run `etims-agent doctor`") from exc
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                yield self._conn
+            except sqlite3.Error as exc:
+                raise StorageError(f"reading the outbox {self.path} failed: {exc}; "
+                                   "run `etims-agent doctor`") from exc
+
+    # --- intake -----------------------------------------------------------------------------
+
+    def accept(self, new: NewSale, now: datetime) -> Accepted:
+        """Store a new sale and journal it in one transaction, or return the stored replay.
+
+        Raises SaleConflict if the till's sale id is already stored with other content.
+        """
+        with self._write() as conn:
+            row = conn.execute(
+                f"SELECT {_SALE_COLUMNS} FROM sales WHERE till_id = ? AND sale_id = ?",
+                (new.till_id, new.sale_id),
+            ).fetchone()
+            if row is not None:
+                record = _record(row)
+                if record.content_hash != new.content_hash:
+                    raise SaleConflict(new.till_id, new.sale_id)
+                return Accepted(record, created=False)
+            receipt_no = conn.execute(
+                "UPDATE counters SET value = value + 1 WHERE name = 'receipt_no' RETURNING value"
+            ).fetchone()[0]
+            at = timestamp(now)
+            row = conn.execute(
+                f"""INSERT INTO sales (till_id, sale_id, content_hash, sale, amounts, total,
+                                       receipt_no, accepted_at)
+                    VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING {_SALE_COLUMNS}""",
+                (new.till_id, new.sale_id, new.content_hash, new.sale_json, new.amounts_json,
+                 str(new.total), receipt_no, at),
+            ).fetchone()
+            record = _record(row)
+            self._journal(conn, at, "accepted", record.id, {
+                "till_id": new.till_id, "sale_id": new.sale_id, "content_hash": new.content_hash,
+                "receipt_no": receipt_no, "total": str(new.total),
+            })
+            return Accepted(record, created=True)
+
+    def _journal(self, conn: sqlite3.Connection, at: str, event: str, sale_ref: int | None,
+                 detail: dict[str, Any]) -> None:
+        last = conn.execute("SELECT seq, hash FROM journal ORDER BY seq DESC LIMIT 1").fetchone()
+        seq, prev = (last[0] + 1, last[1]) if last else (1, GENESIS)
+        text = json.dumps(detail, sort_keys=True, separators=(",", ":"))
+        conn.execute(
+            "INSERT INTO journal (seq, at, event, sale_ref, detail, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (seq, at, event, sale_ref, text, prev, entry_hash(prev, seq, at, event, sale_ref, text)),
+        )
+
+    # --- reads ------------------------------------------------------------------------------
+
+    def get(self, till_id: str, sale_id: str) -> SaleRecord | None:
+        with self._read() as conn:
+            row = conn.execute(f"SELECT {_SALE_COLUMNS} FROM sales WHERE till_id = ? AND sale_id = ?",
+                               (till_id, sale_id)).fetchone()
+        return None if row is None else _record(row)
+
+    def find(self, sale_id: str) -> list[SaleRecord]:
+        """Every till's sale with this id (a sale id is unique per till, not per agent)."""
+        with self._read() as conn:
+            rows = conn.execute(f"SELECT {_SALE_COLUMNS} FROM sales WHERE sale_id = ? ORDER BY id",
+                                (sale_id,)).fetchall()
+        return [_record(r) for r in rows]
+
+    def all_sales(self) -> list[SaleRecord]:
+        with self._read() as conn:
+            rows = conn.execute(f"SELECT {_SALE_COLUMNS} FROM sales ORDER BY id").fetchall()
+        return [_record(r) for r in rows]
+
+    def stats(self) -> OutboxStats:
+        with self._read() as conn:
+            kra = dict(conn.execute("SELECT kra_state, count(*) FROM sales GROUP BY kra_state").fetchall())
+            tsms = dict(conn.execute("SELECT tsms_state, count(*) FROM sales GROUP BY tsms_state").fetchall())
+            oldest = conn.execute(
+                "SELECT min(accepted_at) FROM sales WHERE kra_state NOT IN ('signed', 'void')"
+            ).fetchone()[0]
+            entries = conn.execute("SELECT count(*) FROM journal").fetchone()[0]
+        return OutboxStats(sales=sum(kra.values()), kra=kra, tsms=tsms,
+                           oldest_unsigned_at=_time(oldest), journal_entries=entries)
+
+    def ping(self) -> None:
+        with self._read() as conn:
+            conn.execute("SELECT 1").fetchone()
+
+    def journal(self) -> list[JournalEntry]:
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT seq, at, event, sale_ref, detail, prev_hash, hash FROM journal ORDER BY seq"
+            ).fetchall()
+        return [JournalEntry(*r) for r in rows]
+
+    def verify(self) -> list[str]:
+        """Check the journal chain and that it agrees with the sales it describes.
+
+        The chain alone cannot see its last entries being cut off, so each stored sale must also
+        have its `accepted` entry, and the local receipt numbers must run 1..N without a gap.
+        """
+        entries = self.journal()
+        problems = verify_chain(entries)
+        accepted = {e.sale_ref: json.loads(e.detail) for e in entries if e.event == "accepted"}
+        sales = self.all_sales()
+        for s in sales:
+            detail = accepted.pop(s.id, None)
+            if detail is None:
+                problems.append(f"sale {s.id} ({s.till_id}/{s.sale_id}) has no 'accepted' journal entry")
+            elif detail.get("content_hash") != s.content_hash or detail.get("receipt_no") != s.receipt_no:
+                problems.append(f"sale {s.id} ({s.till_id}/{s.sale_id}) differs from its journal entry")
+        problems.extend(f"journal entry for sale {ref} refers to a sale that is not stored"
+                        for ref in accepted)
+        numbers = sorted(s.receipt_no for s in sales)
+        if numbers != list(range(1, len(numbers) + 1)):
+            problems.append("local receipt numbers are not a gap-free sequence from 1")
+        return problems
+
+
+def _record(row: tuple[Any, ...]) -> SaleRecord:
+    (id_, till_id, sale_id, kind, content_hash, sale, amounts, total, receipt_no, accepted_at,
+     kra_state, kra_invc_no, kra_error, kra_signature, kra_signed_at, tsms_state, tsms_synced_at) = row
+    return SaleRecord(
+        id=id_, till_id=till_id, sale_id=sale_id, kind=kind, content_hash=content_hash,
+        sale=json.loads(sale), amounts=json.loads(amounts), total=Decimal(total),
+        receipt_no=receipt_no, accepted_at=datetime.fromisoformat(accepted_at),
+        kra_state=kra_state, kra_invc_no=kra_invc_no, kra_error=kra_error,
+        kra_signature=None if kra_signature is None else json.loads(kra_signature),
+        kra_signed_at=_time(kra_signed_at), tsms_state=tsms_state, tsms_synced_at=_time(tsms_synced_at),
+    )

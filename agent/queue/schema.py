@@ -1,0 +1,70 @@
+"""Versioned schema migrations; each runs in one transaction with its record in _sqlite_migrations."""
+
+from __future__ import annotations
+
+from sqlite_utils import Database, Migrations
+
+migrations = Migrations("etims-agent")
+
+KRA_STATES = ("queued", "in_flight", "retry", "unknown", "signed", "parked", "void")
+TSMS_STATES = ("pending", "batched", "synced", "rejected")
+
+
+def _in(values: tuple[str, ...]) -> str:
+    return ", ".join(f"'{v}'" for v in values)
+
+
+@migrations()
+def m001_outbox(db: Database) -> None:
+    # AUTOINCREMENT: a sale's id is its place in the KRA lane's order and is never reused.
+    db.execute(f"""
+        CREATE TABLE sales (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            till_id TEXT NOT NULL,
+            sale_id TEXT NOT NULL,
+            kind TEXT NOT NULL DEFAULT 'sale' CHECK (kind IN ('sale', 'credit_note')),
+            content_hash TEXT NOT NULL,
+            sale TEXT NOT NULL,
+            amounts TEXT NOT NULL,
+            payload_version INTEGER NOT NULL DEFAULT 1,
+            total TEXT NOT NULL,
+            receipt_no INTEGER NOT NULL UNIQUE,
+            accepted_at TEXT NOT NULL,
+            kra_state TEXT NOT NULL DEFAULT 'queued' CHECK (kra_state IN ({_in(KRA_STATES)})),
+            kra_invc_no INTEGER UNIQUE,
+            kra_request TEXT,
+            kra_attempts INTEGER NOT NULL DEFAULT 0,
+            kra_next_attempt_at TEXT,
+            kra_error TEXT,
+            kra_signature TEXT,
+            kra_signed_at TEXT,
+            tsms_state TEXT NOT NULL DEFAULT 'pending' CHECK (tsms_state IN ({_in(TSMS_STATES)})),
+            tsms_submission TEXT,
+            tsms_synced_at TEXT,
+            UNIQUE (till_id, sale_id)
+        ) STRICT
+    """)
+    db.execute("CREATE INDEX sales_kra_backlog ON sales (kra_state, id) WHERE kra_state != 'signed'")
+    db.execute("CREATE INDEX sales_tsms_backlog ON sales (tsms_state, id) WHERE tsms_state != 'synced'")
+    # Gap-free counters: incremented inside the transaction that uses the number, so a rollback
+    # (or a crash before commit) hands the number back.
+    db.execute("CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) STRICT")
+    db.execute("INSERT INTO counters (name, value) VALUES ('receipt_no', 0)")
+    db.execute("""
+        CREATE TABLE journal (
+            seq INTEGER PRIMARY KEY,
+            at TEXT NOT NULL,
+            event TEXT NOT NULL,
+            sale_ref INTEGER,
+            detail TEXT NOT NULL,
+            prev_hash TEXT NOT NULL,
+            hash TEXT NOT NULL
+        ) STRICT
+    """)
+    # Append-only by construction; `verify` still checks the hash chain, because anyone with the
+    # file can drop these triggers.
+    for op in ("UPDATE", "DELETE"):
+        db.execute(f"""
+            CREATE TRIGGER journal_no_{op.lower()} BEFORE {op} ON journal
+            BEGIN SELECT RAISE(ABORT, 'the journal is append-only'); END
+        """)
