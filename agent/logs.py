@@ -13,7 +13,6 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 
-
 class EventLogger:
     """`log.info("listening", url=..., data_dir=...)` with fields kept apart from the message."""
 

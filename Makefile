@@ -1,0 +1,37 @@
+# Everything runs from a local virtual environment that the first target creates.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: run test test-fast bench lint clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+## run: the agent on its built-in defaults, data in ./data, listening on 127.0.0.1:8089
+run: $(STAMP)
+	$(BIN)/etims-agent run
+
+## test: the whole suite, slow crash tests included
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+## test-fast: everything except the tests marked slow
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow"
+
+## bench: throughput and latency of durable intake against bare SQLite
+bench: $(STAMP)
+	$(BIN)/python bench/ingest.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check agent tests bench
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

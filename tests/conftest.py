@@ -1,0 +1,87 @@
+"""Shared fixtures: real SQLite files under tmp_path, a sale factory, an in-process API client."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from starlette.testclient import TestClient
+
+from agent.api import ApiContext, create_app
+from agent.intake import IntakeRules
+from agent.queue.outbox import Outbox
+from agent.sales import DEFAULT_TAX_RATES
+from agent.secret import Secret
+
+BASE_SALE: dict[str, Any] = {
+    "sale_id": "R-0001",
+    "till_id": "TILL-1",
+    "issued_at": "2026-11-21T14:05:00+03:00",
+    "payment": "mobile_money",
+    "lines": [
+        {"item_code": "KE2NTU0000001", "item_class": "5059690800", "name": "Bread 400g",
+         "qty": "2", "unit_price": "58.00", "tax_band": "B", "qty_unit": "U", "pkg_unit": "NT"},
+        {"item_code": "KE2NTKG0000002", "item_class": "5010150000", "name": "Sukuma wiki",
+         "qty": "1.5", "unit_price": "40.00", "discount": "5.00", "tax_band": "A",
+         "qty_unit": "KG", "pkg_unit": "NT"},
+    ],
+}
+
+
+def make_sale(**changes: Any) -> dict[str, Any]:
+    """A valid sale as a till would post it, with top-level fields replaced."""
+    sale = copy.deepcopy(BASE_SALE)
+    sale.update(changes)
+    return sale
+
+
+class FakeClock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self.now = start or datetime(2026, 11, 21, 11, 5, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+@pytest.fixture(name="clock")
+def _clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture(name="db_path")
+def _db_path(tmp_path: Path) -> Path:
+    return tmp_path / "data" / "outbox.sqlite3"
+
+
+@pytest.fixture(name="outbox")
+def _outbox(db_path: Path) -> Iterator[Outbox]:
+    box = Outbox.open(db_path)
+    yield box
+    box.close()
+
+
+RULES = IntakeRules(tax_rates=DEFAULT_TAX_RATES)
+
+
+def api_client(outbox: Outbox, clock: FakeClock, *, token: Secret | None = None,
+               max_body_bytes: int = 1_048_576) -> TestClient:
+    writer = ThreadPoolExecutor(max_workers=1)
+    ctx = ApiContext(outbox=outbox, rules=RULES, clock=clock, writer=writer,
+                     max_body_bytes=max_body_bytes, started_at=clock())
+    return TestClient(create_app(ctx, till_token=token))
+
+
+@pytest.fixture(name="client")
+def _client(outbox: Outbox, clock: FakeClock) -> Iterator[TestClient]:
+    with api_client(outbox, clock) as client:
+        yield client

@@ -1,0 +1,191 @@
+"""The outbox on real SQLite files: durability across reopen, replay, conflict, the journal."""
+
+from __future__ import annotations
+
+import itertools
+import sqlite3
+from pathlib import Path
+
+import pytest
+from conftest import RULES, FakeClock, make_sale
+
+from agent.errors import SaleConflict, StorageError
+from agent.intake import accept, prepare
+from agent.queue.outbox import Outbox
+
+
+def store(outbox: Outbox, clock: FakeClock, n: int, till: str = "TILL-1") -> None:
+    for i in range(n):
+        accept(outbox, make_sale(sale_id=f"S-{i:04d}", till_id=till), RULES, clock())
+        clock.advance(1)
+
+
+class TestDurability:
+    def test_reopen_keeps_everything(self, db_path: Path, clock: FakeClock) -> None:
+        """Sales, receipt numbers and the journal are all there after close and reopen."""
+        box = Outbox.open(db_path)
+        store(box, clock, 5)
+        before = box.all_sales()
+        box.close()
+
+        box = Outbox.open(db_path)
+        try:
+            after = box.all_sales()
+            assert after == before
+            assert [s.receipt_no for s in after] == [1, 2, 3, 4, 5]
+            assert len(box.journal()) == 5
+            assert box.verify() == []
+            store(box, clock, 1, till="TILL-2")
+            assert box.all_sales()[-1].receipt_no == 6
+        finally:
+            box.close()
+
+    def test_pragmas(self, outbox: Outbox, db_path: Path) -> None:
+        """The file is in WAL mode with STRICT tables."""
+        conn = sqlite3.connect(db_path)
+        try:
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            sql = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'sales'").fetchone()[0]
+            assert sql.rstrip().endswith("STRICT")
+        finally:
+            conn.close()
+
+    def test_migrations_run_once(self, db_path: Path) -> None:
+        """Reopening does not re-apply migrations."""
+        Outbox.open(db_path).close()
+        Outbox.open(db_path).close()
+        conn = sqlite3.connect(db_path)
+        try:
+            assert conn.execute("SELECT count(*) FROM _sqlite_migrations").fetchone()[0] == 1
+        finally:
+            conn.close()
+
+    def test_damaged_file_is_refused_with_advice(self, tmp_path: Path) -> None:
+        """A file that is not a database gives a StorageError that says what to do."""
+        path = tmp_path / "outbox.sqlite3"
+        path.write_bytes(b"this is not a database" * 100)
+        with pytest.raises(StorageError, match=r"doctor|check the disk"):
+            Outbox.open(path)
+
+    def test_readonly_open_of_missing_outbox(self, tmp_path: Path) -> None:
+        """Reading an outbox that does not exist says to check data_dir."""
+        with pytest.raises(StorageError, match="data_dir"):
+            Outbox.open(tmp_path / "none.sqlite3", readonly=True)
+
+
+class TestIdempotency:
+    def test_replay_returns_the_stored_sale(self, outbox: Outbox, clock: FakeClock) -> None:
+        """The same sale again is not stored twice and gets the same receipt number."""
+        first = accept(outbox, make_sale(), RULES, clock())
+        clock.advance(60)
+        again = accept(outbox, make_sale(), RULES, clock())
+        assert first.created and not again.created
+        assert again.record == first.record
+        assert len(outbox.all_sales()) == 1
+        assert len(outbox.journal()) == 1
+
+    def test_replay_tolerates_formatting(self, outbox: Outbox, clock: FakeClock) -> None:
+        """A replay with numbers written differently ("2" vs 2.00) is still a replay."""
+        sale = make_sale()
+        accept(outbox, sale, RULES, clock())
+        sale["lines"][0]["qty"] = 2
+        sale["lines"][0]["unit_price"] = "58"
+        assert not accept(outbox, sale, RULES, clock()).created
+
+    def test_conflict(self, outbox: Outbox, clock: FakeClock) -> None:
+        """The same id with other content is a conflict and changes nothing."""
+        accept(outbox, make_sale(), RULES, clock())
+        with pytest.raises(SaleConflict) as info:
+            accept(outbox, make_sale(payment="cash"), RULES, clock())
+        assert "R-0001" in str(info.value)
+        assert len(outbox.all_sales()) == 1
+        assert outbox.verify() == []
+
+    def test_sale_id_is_per_till(self, outbox: Outbox, clock: FakeClock) -> None:
+        """Two tills may use the same receipt number; both are stored."""
+        accept(outbox, make_sale(till_id="A"), RULES, clock())
+        accept(outbox, make_sale(till_id="B"), RULES, clock())
+        assert {s.till_id for s in outbox.find("R-0001")} == {"A", "B"}
+
+    def test_conflict_does_not_consume_a_receipt_number(self, outbox: Outbox, clock: FakeClock) -> None:
+        """A refused write hands its number back: the next sale gets the next number."""
+        accept(outbox, make_sale(), RULES, clock())
+        with pytest.raises(SaleConflict):
+            accept(outbox, make_sale(payment="cash"), RULES, clock())
+        assert accept(outbox, make_sale(sale_id="R-0002"), RULES, clock()).record.receipt_no == 2
+
+
+class TestJournal:
+    def test_chain_verifies(self, outbox: Outbox, clock: FakeClock) -> None:
+        """An untouched journal verifies, and each entry links to the one before."""
+        store(outbox, clock, 4)
+        entries = outbox.journal()
+        assert [e.seq for e in entries] == [1, 2, 3, 4]
+        assert all(b.prev_hash == a.hash for a, b in itertools.pairwise(entries))
+        assert outbox.verify() == []
+
+    def test_journal_is_append_only(self, outbox: Outbox, clock: FakeClock, db_path: Path) -> None:
+        """The database itself refuses to update or delete a journal entry."""
+        store(outbox, clock, 1)
+        conn = sqlite3.connect(db_path)
+        try:
+            for sql in ("UPDATE journal SET event = 'x'", "DELETE FROM journal"):
+                with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+                    conn.execute(sql)
+        finally:
+            conn.close()
+
+    def tamper(self, db_path: Path, *statements: str) -> None:
+        """Edit the file as an attacker would: drop the guards first."""
+        conn = sqlite3.connect(db_path, isolation_level=None)
+        try:
+            conn.execute("DROP TRIGGER journal_no_update")
+            conn.execute("DROP TRIGGER journal_no_delete")
+            for sql in statements:
+                conn.execute(sql)
+        finally:
+            conn.close()
+
+    @pytest.mark.parametrize(("statements", "expected"), [
+        (["UPDATE journal SET detail = replace(detail, '\"total\":\"', '\"total\":\"1') WHERE seq = 2"],
+         "entry 2: content does not match its hash"),
+        (["DELETE FROM journal WHERE seq = 2"], "entry 3: expected entry 2"),
+        (["UPDATE journal SET seq = 99 WHERE seq = 2", "UPDATE journal SET seq = 2 WHERE seq = 3",
+          "UPDATE journal SET seq = 3 WHERE seq = 99"], "does not follow"),
+        (["DELETE FROM journal WHERE seq = 4"], "has no 'accepted' journal entry"),
+        (["UPDATE sales SET total = '1.00', content_hash = 'x' WHERE id = 1"], "differs from its journal"),
+        (["DELETE FROM sales WHERE id = 2"], "refers to a sale that is not stored"),
+    ], ids=["edited", "removed", "reordered", "tail-cut", "sale-edited", "sale-removed"])
+    def test_tampering_is_detected(self, db_path: Path, clock: FakeClock,
+                                   statements: list[str], expected: str) -> None:
+        """Editing, removing or reordering entries, or editing a sale, fails verification."""
+        box = Outbox.open(db_path)
+        store(box, clock, 4)
+        box.close()
+        self.tamper(db_path, *statements)
+        box = Outbox.open(db_path, readonly=True)
+        try:
+            problems = box.verify()
+        finally:
+            box.close()
+        assert any(expected in p for p in problems), problems
+
+
+class TestStats:
+    def test_stats_count_backlog(self, outbox: Outbox, clock: FakeClock) -> None:
+        """Stats count sales per lane state and give the oldest unsigned sale's time."""
+        first_at = clock()
+        store(outbox, clock, 3)
+        stats = outbox.stats()
+        assert stats.sales == 3
+        assert stats.kra == {"queued": 3}
+        assert stats.tsms == {"pending": 3}
+        assert stats.oldest_unsigned_at == first_at
+        assert stats.journal_entries == 3
+
+    def test_prepare_is_pure(self) -> None:
+        """prepare() validates and serialises without touching storage."""
+        new = prepare(make_sale(), RULES)
+        # 2 x 58.00 = 116.00 (band B) + 1.5 x 40.00 - 5.00 = 55.00 (band A)
+        assert str(new.total) == "171.00"
+        assert '"sale_id":"R-0001"' in new.sale_json
