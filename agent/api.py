@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from agent import __version__
 from agent.clock import Clock
 from agent.errors import InvalidSale, SaleConflict, StorageError
-from agent.intake import IntakeRules, accept
+from agent.intake import IntakeRules, prepare
 from agent.logs import get_logger
 from agent.openapi import openapi_document
 from agent.queue.outbox import Outbox
@@ -81,11 +81,15 @@ def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
             data = json.loads(body, parse_float=Decimal)
         except (ValueError, RecursionError):
             return error(422, "invalid_json", "the body is not valid JSON; send one sale as a JSON object")
-        loop = asyncio.get_running_loop()
         try:
-            result = await loop.run_in_executor(ctx.writer, accept, ctx.outbox, data, ctx.rules, ctx.clock())
+            new = prepare(data, ctx.rules)
         except InvalidSale as exc:
             return error(422, exc.code, exc.message, exc.field)
+        # Validation runs here on the event loop; only the commit goes to the writer thread, which
+        # spends most of its time in SQLite and the fsync with the GIL released.
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(ctx.writer, ctx.outbox.accept, new, ctx.clock())
         except SaleConflict as exc:
             return error(409, "conflict", str(exc), "sale_id")
         return JSONResponse(sale_view(result.record), status_code=201 if result.created else 200)

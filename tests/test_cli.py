@@ -1,0 +1,85 @@
+"""The technician's commands, run in-process with Typer's runner against real files."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+from conftest import RULES, FakeClock, make_sale
+from typer.testing import CliRunner
+
+from agent.cli import app
+from agent.intake import accept
+from agent.queue.outbox import Outbox
+
+runner = CliRunner()
+
+
+@pytest.fixture(name="config")
+def _config(tmp_path: Path) -> Path:
+    path = tmp_path / "agent.toml"
+    path.write_text('data_dir = "data"\n[http]\ntill_token = "secret-token-0123456789"\n')
+    return path
+
+
+def fill(config: Path, n: int) -> None:
+    box = Outbox.open(config.parent / "data" / "outbox.sqlite3")
+    clock = FakeClock()
+    for i in range(n):
+        accept(box, make_sale(sale_id=f"S{i}"), RULES, clock())
+    box.close()
+
+
+class TestConfigCheck:
+    def test_prints_settings_and_masks_the_token(self, config: Path) -> None:
+        """config check prints the effective settings, never the token, and warns it is in the file."""
+        result = runner.invoke(app, ["config", "check", "--config", str(config)], catch_exceptions=False)
+        assert result.exit_code == 0
+        assert "config OK" in result.output
+        assert "token=set" in result.output
+        assert "secret-token" not in result.output
+        assert "http.till_token is in the config file" in result.output
+
+    def test_bad_config_exits_2_with_the_key(self, tmp_path: Path) -> None:
+        """A bad value exits 2 with a one-line message naming the key, no traceback."""
+        path = tmp_path / "bad.toml"
+        path.write_text("[http]\nport = -1\n")
+        result = runner.invoke(app, ["config", "check", "--config", str(path)], catch_exceptions=False)
+        assert result.exit_code == 2
+        assert "http.port: -1 is out of range" in result.output
+        assert "Traceback" not in result.output
+
+
+class TestStatusAndVerify:
+    def test_status_json(self, config: Path) -> None:
+        """status reads the outbox and reports the backlog per lane."""
+        fill(config, 3)
+        result = runner.invoke(app, ["status", "--json", "--config", str(config)], catch_exceptions=False)
+        assert result.exit_code == 0
+        body = json.loads(result.output)
+        assert body["sales"] == 3
+        assert body["kra"] == {"queued": 3}
+
+    def test_status_without_outbox_exits_4(self, config: Path) -> None:
+        """status on a data directory with no outbox says so and exits 4."""
+        result = runner.invoke(app, ["status", "--config", str(config)], catch_exceptions=False)
+        assert result.exit_code == 4
+        assert "no outbox" in result.output
+
+    def test_verify_ok_then_tampered(self, config: Path) -> None:
+        """verify passes on an intact journal and exits 1 naming the entry once one is edited."""
+        fill(config, 3)
+        ok = runner.invoke(app, ["verify", "--config", str(config)], catch_exceptions=False)
+        assert ok.exit_code == 0
+        assert "journal OK: 3 entries" in ok.output
+
+        conn = sqlite3.connect(config.parent / "data" / "outbox.sqlite3", isolation_level=None)
+        conn.execute("DROP TRIGGER journal_no_update")
+        conn.execute("UPDATE journal SET at = '2020-01-01T00:00:00+00:00' WHERE seq = 2")
+        conn.close()
+        bad = runner.invoke(app, ["verify", "--config", str(config)], catch_exceptions=False)
+        assert bad.exit_code == 1
+        assert "entry 2" in bad.output
+        assert "FAILED" in bad.output
