@@ -153,16 +153,18 @@ def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
                          headers=dict(exc.headers or {}))
         return error(exc.status_code, "http_error", str(exc.detail))
 
+    async def storage_error(request: Request, exc: Exception) -> Response:
+        log.error("storage_error", path=request.url.path, error=str(exc))
+        return error(503, "storage", str(exc))
+
     async def server_error(request: Request, exc: Exception) -> Response:
-        if isinstance(exc, StorageError):
-            log.error("storage_error", path=request.url.path, error=str(exc))
-            return error(503, "storage", str(exc))
         log.exception("unhandled_error", path=request.url.path)
         return error(500, "internal", "the agent hit an unexpected error; it is logged, "
                      "retry the request and report it if it persists")
 
     handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
-        HTTPException: http_error, Exception: server_error,
+        # StorageError is answered here; only truly unexpected errors reach server_error.
+        HTTPException: http_error, StorageError: storage_error, Exception: server_error,
     }
     app: ASGIApp = Starlette(
         routes=[

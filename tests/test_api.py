@@ -102,6 +102,16 @@ class TestPostSale:
             assert_error(small.post("/v1/sales", content=chunks), 413, "too_large")
 
 
+class TestStorageFailure:
+    def test_unusable_outbox_is_503_not_a_crash(self, db_path: Path, clock: FakeClock) -> None:
+        """When the outbox cannot be written the till gets 503 with advice; health says so too."""
+        box = Outbox.open(db_path)
+        with api_client(box, clock) as client:
+            box.close()
+            assert_error(client.post("/v1/sales", json=make_sale()), 503, "storage")
+            assert_error(client.get("/health"), 503, "storage")
+
+
 class TestReads:
     def test_get_sale(self, client: TestClient) -> None:
         """A stored sale can be fetched by id, with or without till_id."""
