@@ -146,10 +146,18 @@ class Outbox:
                     raise
                 self._conn.execute("COMMIT")
             except sqlite3.Error as exc:
-                if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
+                self._rollback_after(exc)
                 raise StorageError(f"writing to the outbox {self.path} failed: {exc}; "
                                    "check free disk space and run `etims-agent doctor`") from exc
+
+    def _rollback_after(self, failure: sqlite3.Error) -> None:
+        # The failure may have ended the transaction already, or the connection may be unusable;
+        # the original error is the one worth reporting, so a failing rollback is not raised.
+        try:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
