@@ -35,13 +35,13 @@ CENT = Decimal("0.01")
 MAX_QTY = Decimal(10) ** 11  # N(13,2)
 MAX_AMOUNT = Decimal(10) ** 16  # N(18,2)
 
-_SALE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/#-]{0,49}")
-_TILL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,19}")
+_SALE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/#-]*")
+_TILL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _PIN = re.compile(r"[A-Z][0-9]{9}[A-Z]")
 _PHONE = re.compile(r"\+?[0-9]{7,15}")
 _ITEM_CLASS = re.compile(r"[0-9A-Za-z]{1,10}")
 _UNIT = re.compile(r"[A-Z0-9]{1,5}")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1 controls
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,9 +93,9 @@ def parse_sale(data: object, *, max_lines: int = 1000) -> Sale:
                           f"{len(raw_lines)} lines; at most {max_lines} per sale, split the sale")
     return Sale(
         sale_id=_pattern(obj, "sale_id", "", _SALE_ID,
-                         "1-50 letters, digits or . _ : / # -, starting with a letter or digit"),
+                         "letters, digits or . _ : / # -, starting with a letter or digit", max_len=50),
         till_id=_pattern(obj, "till_id", "", _TILL_ID,
-                         "1-20 letters, digits or . _ -, starting with a letter or digit"),
+                         "letters, digits or . _ -, starting with a letter or digit", max_len=20),
         issued_at=_timestamp(obj, "issued_at"),
         payment=_payment(obj),
         lines=tuple(_line(raw, f"lines[{i}]") for i, raw in enumerate(raw_lines)),
@@ -184,14 +184,14 @@ def _text(obj: Mapping[str, Any], name: str, prefix: str, max_len: int,
     value = obj.get(name)
     if value is None:
         if required:
-            raise InvalidSale(path, "required", "required")
+            raise InvalidSale(path, "required", "missing; this field is required, add it")
         return None
     if not isinstance(value, str):
-        raise InvalidSale(path, "wrong_type", "expected a string")
+        raise InvalidSale(path, "wrong_type", "expected a string; send the value in quotes")
     value = value.strip()
     if not value:
         if required:
-            raise InvalidSale(path, "required", "must not be empty")
+            raise InvalidSale(path, "required", "is empty; this field is required, give a value")
         return None
     if _CONTROL.search(value):
         raise InvalidSale(path, "bad_characters", "contains control characters; remove them")
@@ -208,8 +208,8 @@ def _required_text(obj: Mapping[str, Any], name: str, prefix: str, max_len: int)
 
 
 def _pattern(obj: Mapping[str, Any], name: str, prefix: str, pattern: re.Pattern[str],
-             expected: str, *, upper: bool = False) -> str:
-    value = _required_text(obj, name, prefix, 200)
+             expected: str, *, max_len: int = 200, upper: bool = False) -> str:
+    value = _required_text(obj, name, prefix, max_len)
     if upper:
         value = value.upper()
     if not pattern.fullmatch(value):
@@ -266,22 +266,24 @@ def _number(obj: Mapping[str, Any], name: str, prefix: str, *, default: Decimal 
     if value is None:
         if default is not None:
             return default
-        raise InvalidSale(path, "required", "required")
+        raise InvalidSale(path, "required", "missing; this field is required, add it")
     if isinstance(value, bool) or not isinstance(value, int | float | str | Decimal):
-        raise InvalidSale(path, "wrong_type", "expected a number")
+        raise InvalidSale(path, "wrong_type", "expected a number, e.g. 58.00 or \"58.00\"")
     try:
         number = Decimal(str(value).strip())
     except InvalidOperation:
         raise InvalidSale(path, "wrong_type", f"{value!r} is not a number") from None
     if not number.is_finite():
-        raise InvalidSale(path, "wrong_type", "expected a finite number")
+        raise InvalidSale(path, "wrong_type", "expected a finite number, e.g. 58.00")
     if abs(number) >= MAX_AMOUNT:
         raise InvalidSale(path, "too_large", f"{value} is above KRA's limit of {MAX_AMOUNT}")
     if number != number.quantize(CENT, rounding=ROUND_DOWN):
         raise InvalidSale(path, "too_precise",
                           f"{value} has more than 2 decimal places; KRA amounts and quantities have "
                           "2, round it at the till")
-    return number.quantize(CENT)
+    number = number.quantize(CENT)
+    # "-0" passes the sign checks but would be stored as "-0.00" and change the content hash.
+    return number.copy_abs() if number.is_zero() else number
 
 
 def _line(data: object, path: str) -> Line:
