@@ -124,6 +124,20 @@ class TestJournal:
         assert all(b.prev_hash == a.hash for a, b in itertools.pairwise(entries))
         assert outbox.verify() == []
 
+    def test_two_writers_keep_one_chain(self, db_path: Path, clock: FakeClock) -> None:
+        """Entries appended through a second connection (a technician's command) keep one chain."""
+        first, second = Outbox.open(db_path), Outbox.open(db_path)
+        try:
+            for i in range(6):
+                box = first if i % 3 else second
+                accept(box, make_sale(sale_id=f"S{i}"), RULES, clock())
+            assert [e.seq for e in first.journal()] == [1, 2, 3, 4, 5, 6]
+            assert first.verify() == []
+            assert [s.receipt_no for s in first.all_sales()] == [1, 2, 3, 4, 5, 6]
+        finally:
+            first.close()
+            second.close()
+
     def test_journal_is_append_only(self, outbox: Outbox, clock: FakeClock, db_path: Path) -> None:
         """The database itself refuses to update or delete a journal entry."""
         store(outbox, clock, 1)

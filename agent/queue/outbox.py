@@ -95,6 +95,10 @@ class Outbox:
         self._db = Database(conn, execute_plugins=False)
         self._lock = threading.Lock()
         self.path = path
+        # The journal's last (seq, hash), cached so a sale needs no extra read; it only advances
+        # once the transaction that wrote the entry has committed.
+        self._head: tuple[int, str] | None = None
+        self._pending_head: tuple[int, str] | None = None
 
     @classmethod
     def open(cls, path: Path, *, readonly: bool = False) -> Outbox:
@@ -136,16 +140,21 @@ class Outbox:
         # BEGIN IMMEDIATE takes the write lock up front: a deferred BEGIN that reads first can fail
         # with SQLITE_BUSY when it upgrades, if a technician's command writes at the same moment.
         with self._lock:
+            self._pending_head = None
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
                 try:
                     yield self._conn
                 except BaseException:
+                    self._head = None
                     if self._conn.in_transaction:
                         self._conn.execute("ROLLBACK")
                     raise
                 self._conn.execute("COMMIT")
+                if self._pending_head is not None:
+                    self._head = self._pending_head
             except sqlite3.Error as exc:
+                self._head = None
                 self._rollback_after(exc)
                 raise StorageError(f"writing to the outbox {self.path} failed: {exc}; "
                                    "check free disk space and run `etims-agent doctor`") from exc
@@ -175,43 +184,63 @@ class Outbox:
 
         Raises SaleConflict if the till's sale id is already stored with other content.
         """
+        at = timestamp(now)
         with self._write() as conn:
-            row = conn.execute(
-                f"SELECT {_SALE_COLUMNS} FROM sales WHERE till_id = ? AND sale_id = ?",
-                (new.till_id, new.sale_id),
+            # Few statements on purpose: each one is a trip out of SQLite and back into Python,
+            # and this runs once per sale on the till's critical path. The receipt number comes
+            # from the counter, which a trigger advances in the same insert.
+            inserted = conn.execute(
+                """INSERT INTO sales (till_id, sale_id, content_hash, sale, amounts, total,
+                                      receipt_no, accepted_at)
+                   VALUES (?, ?, ?, ?, ?, ?,
+                           (SELECT value + 1 FROM counters WHERE name = 'receipt_no'), ?)
+                   ON CONFLICT (till_id, sale_id) DO NOTHING
+                   RETURNING id, receipt_no""",
+                (new.till_id, new.sale_id, new.content_hash, new.sale_json, new.amounts_json,
+                 str(new.total), at),
             ).fetchone()
-            if row is not None:
+            if inserted is None:
+                row = conn.execute(f"SELECT {_SALE_COLUMNS} FROM sales WHERE till_id = ? AND sale_id = ?",
+                                   (new.till_id, new.sale_id)).fetchone()
                 record = _record(row)
                 if record.content_hash != new.content_hash:
                     raise SaleConflict(new.till_id, new.sale_id)
                 return Accepted(record, created=False)
-            receipt_no = conn.execute(
-                "UPDATE counters SET value = value + 1 WHERE name = 'receipt_no' RETURNING value"
-            ).fetchone()[0]
-            at = timestamp(now)
-            row = conn.execute(
-                f"""INSERT INTO sales (till_id, sale_id, content_hash, sale, amounts, total,
-                                       receipt_no, accepted_at)
-                    VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING {_SALE_COLUMNS}""",
-                (new.till_id, new.sale_id, new.content_hash, new.sale_json, new.amounts_json,
-                 str(new.total), receipt_no, at),
-            ).fetchone()
-            record = _record(row)
-            self._journal(conn, at, "accepted", record.id, {
+            sale_ref, receipt_no = inserted
+            self._journal(conn, at, "accepted", sale_ref, {
                 "till_id": new.till_id, "sale_id": new.sale_id, "content_hash": new.content_hash,
                 "receipt_no": receipt_no, "total": str(new.total),
             })
-            return Accepted(record, created=True)
+        return Accepted(SaleRecord(
+            id=sale_ref, till_id=new.till_id, sale_id=new.sale_id, kind="sale",
+            content_hash=new.content_hash, sale=json.loads(new.sale_json),
+            amounts=json.loads(new.amounts_json), total=new.total, receipt_no=receipt_no,
+            accepted_at=datetime.fromisoformat(at), kra_state="queued", kra_invc_no=None,
+            kra_error=None, kra_signature=None, kra_signed_at=None, tsms_state="pending",
+            tsms_synced_at=None,
+        ), created=True)
 
     def _journal(self, conn: sqlite3.Connection, at: str, event: str, sale_ref: int | None,
                  detail: dict[str, Any]) -> None:
-        last = conn.execute("SELECT seq, hash FROM journal ORDER BY seq DESC LIMIT 1").fetchone()
-        seq, prev = (last[0] + 1, last[1]) if last else (1, GENESIS)
+        """Append an entry linked to the last one; called inside a write transaction."""
         text = json.dumps(detail, sort_keys=True, separators=(",", ":"))
-        conn.execute(
-            "INSERT INTO journal (seq, at, event, sale_ref, detail, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (seq, at, event, sale_ref, text, prev, entry_hash(prev, seq, at, event, sale_ref, text)),
-        )
+        for _ in range(2):
+            if self._head is None:
+                last = conn.execute("SELECT seq, hash FROM journal ORDER BY seq DESC LIMIT 1").fetchone()
+                self._head = (last[0], last[1]) if last else (0, GENESIS)
+            seq, prev = self._head[0] + 1, self._head[1]
+            digest = entry_hash(prev, seq, at, event, sale_ref, text)
+            try:
+                conn.execute("INSERT INTO journal (seq, at, event, sale_ref, detail, prev_hash, hash) "
+                             "VALUES (?, ?, ?, ?, ?, ?, ?)", (seq, at, event, sale_ref, text, prev, digest))
+            except sqlite3.IntegrityError:
+                # The cached head is stale: another process (a technician's command) appended
+                # since. We hold the write lock now, so reading the head again settles it.
+                self._head = None
+                continue
+            self._pending_head = (seq, digest)
+            return
+        raise StorageError(f"cannot append to the journal in {self.path}; run `etims-agent verify`")
 
     # --- reads ------------------------------------------------------------------------------
 

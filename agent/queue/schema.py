@@ -50,6 +50,11 @@ def m001_outbox(db: Database) -> None:
     # (or a crash before commit) hands the number back.
     db.execute("CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) STRICT")
     db.execute("INSERT INTO counters (name, value) VALUES ('receipt_no', 0)")
+    # The insert takes counter + 1 as its receipt number; this advances the counter with it.
+    db.execute("""
+        CREATE TRIGGER sales_receipt_no AFTER INSERT ON sales
+        BEGIN UPDATE counters SET value = NEW.receipt_no WHERE name = 'receipt_no'; END
+    """)
     db.execute("""
         CREATE TABLE journal (
             seq INTEGER PRIMARY KEY,
