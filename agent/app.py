@@ -10,7 +10,6 @@ import signal
 import socket
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import uvicorn
@@ -97,9 +96,8 @@ def run(cfg: Config, *, clock: Clock = system_clock,
                     hint="fine for development; in production use the environment or the keyring")
     with DataDirLock(cfg.data_dir):
         outbox = Outbox.open(outbox_path(cfg.data_dir))
-        writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-writer")
         try:
-            ctx = ApiContext(outbox=outbox, rules=intake_rules(cfg), clock=clock, writer=writer,
+            ctx = ApiContext(outbox=outbox, rules=intake_rules(cfg), clock=clock,
                              max_body_bytes=cfg.http.max_body_bytes, started_at=clock())
             app = create_app(ctx, till_token=cfg.http.till_token)
             sock = bind(cfg.http.host, cfg.http.port)
@@ -114,6 +112,5 @@ def run(cfg: Config, *, clock: Clock = system_clock,
                 on_ready(url)
             _serve(server, sock)
         finally:
-            writer.shutdown(wait=True)
             outbox.close()
             log.info("stopped", data_dir=str(cfg.data_dir))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -75,8 +74,7 @@ RULES = IntakeRules(tax_rates=DEFAULT_TAX_RATES)
 
 def api_client(outbox: Outbox, clock: FakeClock, *, token: Secret | None = None,
                max_body_bytes: int = 1_048_576) -> TestClient:
-    writer = ThreadPoolExecutor(max_workers=1)
-    ctx = ApiContext(outbox=outbox, rules=RULES, clock=clock, writer=writer,
+    ctx = ApiContext(outbox=outbox, rules=RULES, clock=clock,
                      max_body_bytes=max_body_bytes, started_at=clock())
     return TestClient(create_app(ctx, till_token=token))
 

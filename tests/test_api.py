@@ -6,7 +6,6 @@ import json
 import socket
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -190,8 +189,7 @@ class TestToken:
 class TestRealSocket:
     def test_sales_over_a_real_loopback_socket(self, outbox: Outbox, clock: FakeClock) -> None:
         """The app served by uvicorn on 127.0.0.1 answers real HTTP requests over keep-alive."""
-        writer = ThreadPoolExecutor(max_workers=1)
-        ctx = ApiContext(outbox=outbox, rules=RULES, clock=clock, writer=writer,
+        ctx = ApiContext(outbox=outbox, rules=RULES, clock=clock,
                          max_body_bytes=1_048_576, started_at=clock())
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
@@ -216,7 +214,6 @@ class TestRealSocket:
         finally:
             server.should_exit = True
             thread.join(10)
-            writer.shutdown()
             sock.close()
 
 

@@ -89,11 +89,32 @@ def _time(text: str | None) -> datetime | None:
     return None if text is None else datetime.fromisoformat(text)
 
 
+def _connect(path: Path, readonly: bool) -> sqlite3.Connection:
+    if readonly:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
+    else:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout = 5000")
+    if not readonly:
+        conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    return conn
+
+
 class Outbox:
-    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+    """The outbox on one SQLite file: a write connection, and a read connection beside it.
+
+    Reads (status, lookups) run on their own connection, so in WAL mode they see the last
+    committed state and never wait for, or hold up, a sale being committed.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, reader: sqlite3.Connection, path: Path) -> None:
         self._conn = conn
+        self._reader = reader
         self._db = Database(conn, execute_plugins=False)
         self._lock = threading.Lock()
+        self._read_lock = threading.Lock()
         self.path = path
         # The journal's last (seq, hash), cached so a sale needs no extra read; it only advances
         # once the transaction that wrote the entry has committed.
@@ -103,36 +124,35 @@ class Outbox:
     @classmethod
     def open(cls, path: Path, *, readonly: bool = False) -> Outbox:
         """Open (creating and migrating unless readonly) and check the database."""
+        conns: list[sqlite3.Connection] = []
         try:
-            if readonly:
-                if not path.exists():
-                    raise StorageError(f"no outbox at {path}; check data_dir, or start the agent once to create it")
-                conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
-                                       check_same_thread=False)
-            else:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA busy_timeout = 5000")
+            if readonly and not path.exists():
+                raise StorageError(f"no outbox at {path}; check data_dir, or start the agent once to create it")
             if not readonly:
-                conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = FULL")
-            conn.execute("PRAGMA foreign_keys = ON")
+                path.parent.mkdir(parents=True, exist_ok=True)
+            for _ in range(2):
+                conns.append(_connect(path, readonly))
+            conn, reader = conns
             check = conn.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
-                conn.close()
                 raise StorageError(
                     f"the outbox {path} is damaged ({check}); stop the agent, keep a copy of the "
                     "file and run `etims-agent doctor`"
                 )
-            outbox = cls(conn, path)
+            outbox = cls(conn, reader, path)
             if not readonly:
                 migrations.apply(outbox._db)
             return outbox
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, StorageError) as exc:
+            for c in conns:
+                c.close()
+            if isinstance(exc, StorageError):
+                raise
             raise StorageError(f"cannot open the outbox {path}: {exc}; check the disk and its permissions") from exc
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._read_lock:
+            self._reader.close()
             self._conn.close()
 
     @contextmanager
@@ -170,9 +190,9 @@ class Outbox:
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
+        with self._read_lock:
             try:
-                yield self._conn
+                yield self._reader
             except sqlite3.Error as exc:
                 raise StorageError(f"reading the outbox {self.path} failed: {exc}; "
                                    "run `etims-agent doctor`") from exc

@@ -1,0 +1,299 @@
+"""No sale acknowledged to a till is ever lost, and none is stored twice: real agents, kill -9.
+
+Several tills post as fast as they can to a real agent process, which is killed with SIGKILL at a
+random moment and restarted on the same data directory, round after round. Every sale that got a
+2xx answer must then be stored exactly once with the receipt the till printed; a sale cut off by
+the kill may or may not be stored, and posting it again must say which (200 stored, 201 new) and
+never store it twice. The random delays are seeded: set CRASH_SEED to replay a failing run.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sqlite3
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from agent_process import AgentProcess, Agents, run_cli
+from conftest import make_sale
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+
+Key = tuple[str, str]  # (till_id, sale_id): the idempotency key
+
+CLIENTS = 6
+TILLS = ("TILL-1", "TILL-2", "TILL-3")  # clients share tills, so sale ids interleave per till
+ROUNDS = 5
+KILL_AFTER_S = (0.2, 1.0)
+REPOST_SHARE = 0.1  # of posts that re-send an already acknowledged sale
+HTTP_TIMEOUT = httpx.Timeout(10.0)
+JOIN_TIMEOUT_S = 30.0
+CHECKERS = 4
+
+
+def seed() -> int:
+    value = int(os.environ.get("CRASH_SEED") or random.SystemRandom().randrange(2**32))
+    print(f"crash seed {value} (replay with CRASH_SEED={value})")
+    return value
+
+
+@pytest.fixture(name="agents")
+def _agents(tmp_path: Path) -> Iterator[Agents]:
+    with Agents(tmp_path) as agents:  # kills any agent a failing test left running
+        yield agents
+
+
+@dataclass
+class Ledger:
+    """What the tills sent and what they were told; shared by the client threads."""
+
+    sales: dict[Key, dict[str, Any]] = field(default_factory=dict)  # every sale ever posted
+    acked: dict[Key, dict[str, Any]] = field(default_factory=dict)  # the 2xx body the till got
+    failures: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def new_sale(self, key: Key, n: int) -> None:
+        till_id, sale_id = key
+        sale = make_sale(till_id=till_id, sale_id=sale_id)
+        sale["lines"][0]["qty"] = str(1 + n % 9)  # not every sale has the same content
+        with self.lock:
+            self.sales[key] = sale
+
+    def sale(self, key: Key) -> dict[str, Any]:
+        with self.lock:
+            return self.sales[key]
+
+    def ack(self, key: Key, status: int, body: dict[str, Any]) -> None:
+        receipt = body.get("receipt", {})
+        with self.lock:
+            described = (body.get("till_id"), body.get("sale_id"))
+            if described != key or receipt.get("kind") != "temporary":
+                self.failures.append(f"{key}: {status} answer describes another sale: {body}")
+            elif key in self.acked and self.acked[key] != body:
+                self.failures.append(f"{key}: answered {status} with {body}, "
+                                     f"but was acknowledged before as {self.acked[key]}")
+            else:
+                self.acked[key] = body
+
+    def fail(self, message: str) -> None:
+        with self.lock:
+            self.failures.append(message)
+
+    def unacked(self) -> list[Key]:
+        with self.lock:
+            return sorted(set(self.sales) - set(self.acked))
+
+
+def till(url: str, client_no: int, round_no: int, retries: dict[Key, int], new_sales: bool,
+         ledger: Ledger, rng: random.Random, stopping: threading.Event,
+         stop: threading.Event) -> None:
+    """One till: retry what an earlier crash cut off, then post new sales and some replays."""
+    till_id = TILLS[client_no % len(TILLS)]
+    mine: list[Key] = []
+    pending = list(retries.items())
+    n = 0
+    try:
+        with httpx.Client(base_url=url, timeout=HTTP_TIMEOUT) as http:
+            while not stop.is_set():
+                replay = False
+                if pending:
+                    key, expected = pending.pop()
+                elif not new_sales:
+                    return
+                elif mine and rng.random() < REPOST_SHARE:
+                    key, expected, replay = rng.choice(mine), 200, True
+                else:
+                    key, expected = (till_id, f"R{round_no}-C{client_no}-{n}"), 201
+                    ledger.new_sale(key, n)
+                    n += 1
+                try:
+                    response = http.post("/v1/sales", json=ledger.sale(key))
+                except httpx.TransportError as exc:
+                    if not stopping.is_set():
+                        ledger.fail(f"{key}: {exc!r} while the agent was meant to be up")
+                    return  # the agent is gone; this sale is not acknowledged
+                if response.status_code != expected:
+                    ledger.fail(f"{key}: expected {expected}, got {response.status_code} "
+                                f"{response.text[:300]}")
+                    return
+                ledger.ack(key, response.status_code, response.json())
+                if not replay:
+                    mine.append(key)
+    except BaseException:  # a dying thread must fail the test, not vanish
+        ledger.fail(f"client {client_no} crashed:\n{traceback.format_exc()}")
+
+
+class Load:
+    """CLIENTS till threads posting to one agent until told to stop."""
+
+    def __init__(self, agent: AgentProcess, ledger: Ledger, round_no: int, rng: random.Random,
+                 retries: dict[Key, int], *, new_sales: bool = True) -> None:
+        self.stopping = threading.Event()  # set just before the agent is signalled
+        self.stop = threading.Event()  # set once it has exited
+        keys = sorted(retries)
+        self.threads = [
+            threading.Thread(
+                target=till, name=f"till-{c}", daemon=True,
+                args=(agent.url, c, round_no, {k: retries[k] for k in keys[c::CLIENTS]}, new_sales,
+                      ledger, random.Random(rng.random()), self.stopping, self.stop))
+            for c in range(CLIENTS)
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    def join(self) -> None:
+        """Wait for threads that end on their own (retries only, no new sales)."""
+        for thread in self.threads:
+            thread.join(JOIN_TIMEOUT_S)
+
+    def finish(self) -> None:
+        self.stopping.set()
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(JOIN_TIMEOUT_S)
+        assert not any(t.is_alive() for t in self.threads), "a client thread hung"
+
+
+def stored(outbox: Path) -> dict[Key, tuple[int, int]]:
+    """(till_id, sale_id) -> (row count, receipt number), read-only beside the running agent."""
+    conn = sqlite3.connect(f"file:{outbox}?mode=ro", uri=True, timeout=10)
+    try:
+        rows = conn.execute(
+            "SELECT till_id, sale_id, COUNT(*), MIN(receipt_no) FROM sales "
+            "GROUP BY till_id, sale_id"
+        ).fetchall()
+    finally:
+        conn.close()
+    return {(t, s): (count, no) for t, s, count, no in rows}
+
+
+def check_outbox(outbox: Path, ledger: Ledger, context: str) -> dict[Key, tuple[int, int]]:
+    """Every acknowledged sale is stored once with its receipt; numbers run 1..N; nothing extra."""
+    rows = stored(outbox)
+    assert not ledger.failures, f"{context}: {ledger.failures[:5]}"
+    twice = {k: c for k, (c, _) in rows.items() if c != 1}
+    assert not twice, f"{context}: stored more than once: {twice}"
+    lost = [k for k in ledger.acked if k not in rows]
+    assert not lost, f"{context}: {len(lost)} acknowledged sales lost, e.g. {lost[:5]}"
+    wrong = {k: (rows[k][1], body["receipt"]["number"]) for k, body in ledger.acked.items()
+             if rows[k][1] != body["receipt"]["number"]}
+    assert not wrong, f"{context}: receipt numbers changed (stored, printed): {wrong}"
+    unknown = set(rows) - set(ledger.sales)
+    assert not unknown, f"{context}: sales nobody posted: {unknown}"
+    assert len(ledger.acked) <= len(rows) <= len(ledger.sales), context
+    numbers = sorted(no for _, no in rows.values())
+    assert numbers == list(range(1, len(numbers) + 1)), f"{context}: receipt numbers have a gap"
+    return rows
+
+
+def check_api(url: str, ledger: Ledger, context: str) -> None:
+    """GET and a re-post of every acknowledged sale both answer 200 with the acknowledged body."""
+
+    def check(chunk: list[tuple[Key, dict[str, Any]]]) -> list[str]:
+        problems = []
+        with httpx.Client(base_url=url, timeout=HTTP_TIMEOUT) as http:
+            for (till_id, sale_id), body in chunk:
+                got = http.get(f"/v1/sales/{sale_id}", params={"till_id": till_id})
+                if got.status_code != 200 or got.json() != body:
+                    problems.append(f"GET {till_id}/{sale_id}: {got.status_code} {got.text[:200]}")
+                again = http.post("/v1/sales", json=ledger.sales[(till_id, sale_id)])
+                if again.status_code != 200 or again.json() != body:
+                    problems.append(f"re-post {till_id}/{sale_id}: {again.status_code} "
+                                    f"{again.text[:200]}")
+        return problems
+
+    items = sorted(ledger.acked.items())
+    with ThreadPoolExecutor(CHECKERS) as pool:
+        chunks = pool.map(check, [items[i::CHECKERS] for i in range(CHECKERS)])
+        problems = [p for chunk in chunks for p in chunk]
+    assert not problems, f"{context}: {len(problems)} problems, e.g. {problems[:5]}"
+
+
+def retry_plan(ledger: Ledger, rows: dict[Key, tuple[int, int]]) -> dict[Key, int]:
+    """Sales cut off by a crash, with the answer a retry must get: 200 if stored, else 201."""
+    return {k: 200 if k in rows else 201 for k in ledger.unacked()}
+
+
+def test_kill_9_loses_no_acknowledged_sale_and_stores_none_twice(agents: Agents) -> None:
+    """Across rounds of kill -9 under load, every acknowledged sale survives exactly once."""
+    rng = random.Random(seed())
+    ledger = Ledger()
+    agent = agents.start()
+    retries: dict[Key, int] = {}
+    for round_no in range(ROUNDS):
+        load = Load(agent, ledger, round_no, rng, retries)
+        delay = rng.uniform(*KILL_AFTER_S)
+        time.sleep(delay)
+        load.stopping.set()
+        agent.kill()
+        load.finish()
+        context = f"round {round_no}, killed after {delay:.2f} s"
+        assert ledger.acked, f"{context}: no sale was acknowledged before the kill"
+
+        agent = agents.start()
+        rows = check_outbox(agents.outbox, ledger, context)
+        check_api(agent.url, ledger, context)
+        retries = retry_plan(ledger, rows)
+        print(f"{context}: {len(ledger.acked)} acknowledged, {len(rows)} stored, "
+              f"{len(ledger.sales)} posted, {sum(c == 200 for c in retries.values())} stored "
+              "but cut off before the answer")
+
+    # Settle the sales the last kill cut off, as the tills would, then check once more.
+    load = Load(agent, ledger, ROUNDS, rng, retries, new_sales=False)
+    load.join()
+    load.finish()
+    check_outbox(agents.outbox, ledger, "after settling")
+    assert not ledger.unacked()
+
+    assert agent.terminate() == 0, agent.log()
+    verify = run_cli("verify", "--config", str(agents.config))
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_second_agent_on_the_same_data_dir_refuses_to_start(agents: Agents) -> None:
+    """A second agent on a data directory in use exits 3 saying so, and the first keeps serving."""
+    first = agents.start()
+    second = run_cli("run", "--config", str(agents.config), timeout=30)
+    assert second.returncode == 3, second.stderr
+    assert "already running" in second.stderr
+    assert f"pid {first.pid}" in second.stderr
+    assert str(agents.data_dir.resolve()) in second.stderr
+    assert "Traceback" not in second.stderr
+    assert "event=listening" not in second.stderr
+    with httpx.Client(base_url=first.url, timeout=HTTP_TIMEOUT) as http:
+        assert http.get("/health").status_code == 200
+        assert http.post("/v1/sales", json=make_sale()).status_code == 201
+    assert first.running
+    assert first.terminate() == 0, first.log()
+
+
+def test_sigterm_under_load_stops_cleanly_and_keeps_every_acknowledged_sale(
+        agents: Agents) -> None:
+    """SIGTERM while tills post exits 0 with event=stopped, and every acknowledged sale survives."""
+    rng = random.Random(seed())
+    ledger = Ledger()
+    agent = agents.start()
+    load = Load(agent, ledger, 0, rng, {})
+    time.sleep(rng.uniform(*KILL_AFTER_S))
+    load.stopping.set()
+    code = agent.terminate()
+    load.finish()
+    assert code == 0, agent.log()
+    assert "event=stopped" in agent.log()
+    assert ledger.acked
+
+    agent = agents.start()
+    check_outbox(agents.outbox, ledger, "after SIGTERM")
+    check_api(agent.url, ledger, "after SIGTERM")
+    assert agent.terminate() == 0, agent.log()
+    verify = run_cli("verify", "--config", str(agents.config))
+    assert verify.returncode == 0, verify.stdout + verify.stderr
