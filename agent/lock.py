@@ -13,7 +13,7 @@ from types import TracebackType
 
 from filelock import FileLock, Timeout
 
-from agent.errors import DataDirLocked
+from agent.errors import DataDirLocked, StorageError
 
 
 class DataDirLock:
@@ -23,10 +23,10 @@ class DataDirLock:
         self._pid_file = data_dir / "agent.pid"
 
     def __enter__(self) -> DataDirLock:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
         try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
             self._lock.acquire()
-        except Timeout:
+        except Timeout:  # before OSError: filelock's Timeout is a TimeoutError
             try:
                 owner = f" (pid {self._pid_file.read_text().strip()})"
             except OSError:
@@ -34,6 +34,11 @@ class DataDirLock:
             raise DataDirLocked(
                 f"another etims-agent{owner} is already running on {self.data_dir}; "
                 "stop it first (e.g. `systemctl stop etims-agent`) or give this one another data_dir"
+            ) from None
+        except OSError as exc:
+            raise StorageError(
+                f"cannot use the data directory {self.data_dir} ({exc.strerror or exc}); make it a "
+                "folder the agent's user can write, or set data_dir to one"
             ) from None
         self._pid_file.write_text(f"{os.getpid()}\n")
         return self

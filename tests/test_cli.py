@@ -83,3 +83,16 @@ class TestStatusAndVerify:
         assert bad.exit_code == 1
         assert "entry 2" in bad.output
         assert "FAILED" in bad.output
+
+
+class TestRunRefusals:
+    def test_unusable_data_dir_exits_4_with_advice(self, tmp_path: Path) -> None:
+        """A data directory that cannot be created is refused with a sentence, not a traceback."""
+        blocker = tmp_path / "not-a-folder"
+        blocker.write_text("a file where the data directory should go")
+        path = tmp_path / "agent.toml"
+        path.write_text(f'data_dir = "{blocker / "data"}"\n[http]\nport = 0\n')
+        result = runner.invoke(app, ["run", "--config", str(path)], catch_exceptions=False)
+        assert result.exit_code == 4
+        assert "cannot use the data directory" in result.output
+        assert "Traceback" not in result.output
