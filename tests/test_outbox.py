@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 from conftest import RULES, FakeClock, make_sale
+from sqlite_utils import Database
 
 from agent.errors import SaleConflict, StorageError
 from agent.intake import accept, prepare
 from agent.queue.outbox import Outbox
+from agent.queue.schema import migrations
 
 
 def store(outbox: Outbox, clock: FakeClock, n: int, till: str = "TILL-1") -> None:
@@ -56,9 +58,31 @@ class TestDurability:
         Outbox.open(db_path).close()
         conn = sqlite3.connect(db_path)
         try:
-            assert conn.execute("SELECT count(*) FROM _sqlite_migrations").fetchone()[0] == 1
+            names = [r[0] for r in conn.execute("SELECT name FROM _sqlite_migrations")]
+            assert names[0] == "m001_outbox"
+            assert len(names) == len(set(names))
+            assert migrations.pending(Database(conn)) == []
         finally:
             conn.close()
+
+    def test_upgrade_from_the_first_schema(self, db_path: Path, clock: FakeClock) -> None:
+        """An outbox written by the first schema is migrated on open and keeps its sales and numbering."""
+        db_path.parent.mkdir(parents=True)
+        conn = sqlite3.connect(db_path, isolation_level=None)
+        migrations.apply(Database(conn), stop_before="m002_kra_lane")
+        conn.close()
+        old = Outbox(*(sqlite3.connect(db_path, isolation_level=None, check_same_thread=False) for _ in range(2)),
+                     db_path)
+        store(old, clock, 2)
+        old.close()
+
+        box = Outbox.open(db_path)
+        try:
+            store(box, clock, 1, till="TILL-2")
+            assert [s.receipt_no for s in box.all_sales()] == [1, 2, 3]
+            assert box.verify() == []
+        finally:
+            box.close()
 
     def test_damaged_file_is_refused_with_advice(self, tmp_path: Path) -> None:
         """A file that is not a database gives a StorageError that says what to do."""

@@ -73,3 +73,39 @@ def m001_outbox(db: Database) -> None:
             CREATE TRIGGER journal_no_{op.lower()} BEFORE {op} ON journal
             BEGIN SELECT RAISE(ABORT, 'the journal is append-only'); END
         """)
+
+
+@migrations()
+def m002_kra_lane(db: Database) -> None:
+    db.execute("ALTER TABLE sales ADD COLUMN original_id INTEGER REFERENCES sales(id)")
+    db.execute("ALTER TABLE sales ADD COLUMN refund_reason TEXT")
+    # KRA's invoice numbers (invcNo): allocated when a sale is first sent, handed back when KRA
+    # refuses it for good, so the sequence KRA sees has no gap.
+    db.execute("INSERT INTO counters (name, value) VALUES ('invc_no', 0)")
+    # The device's identity from selectInitOsdcInfo. Never the cmcKey: that lives in the keyring.
+    db.execute("""
+        CREATE TABLE kra_device (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            tin TEXT NOT NULL,
+            bhf_id TEXT NOT NULL,
+            serial TEXT NOT NULL,
+            sdc_id TEXT NOT NULL,
+            mrc_no TEXT,
+            info TEXT NOT NULL,
+            initialised_at TEXT NOT NULL
+        ) STRICT
+    """)
+    db.execute("""
+        CREATE TABLE kra_items (
+            item_code TEXT PRIMARY KEY,
+            request TEXT NOT NULL,
+            registered_at TEXT NOT NULL
+        ) STRICT
+    """)
+    db.execute("""
+        CREATE TABLE kra_code_lists (
+            name TEXT PRIMARY KEY,
+            data TEXT NOT NULL,
+            fetched_at TEXT NOT NULL
+        ) STRICT
+    """)

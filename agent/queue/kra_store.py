@@ -1,0 +1,184 @@
+"""The KRA lane's side of the outbox: moving a sale through its states, one transaction each.
+
+Every transition that matters to KRA's sequence (a number allocated, a signature stored, a number
+handed back) is journalled in the same transaction that makes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from agent.queue.outbox import Outbox, timestamp
+from agent.signing import PENDING_STATES, KraWork
+
+_WORK_COLUMNS = (
+    "s.id, s.till_id, s.sale_id, s.kind, s.kra_state, s.kra_invc_no, s.kra_request, s.kra_attempts, "
+    "s.kra_next_attempt_at, s.sale, s.amounts, o.kra_invc_no, s.refund_reason"
+)
+_PENDING = ", ".join(f"'{s}'" for s in PENDING_STATES)
+
+
+def _work(row: tuple[Any, ...]) -> KraWork:
+    (id_, till_id, sale_id, kind, state, invc_no, request, attempts, next_at, sale, amounts,
+     original_invc_no, refund_reason) = row
+    return KraWork(id=id_, till_id=till_id, sale_id=sale_id, kind=kind, state=state, invc_no=invc_no,
+                   request=request, attempts=attempts,
+                   next_attempt_at=None if next_at is None else datetime.fromisoformat(next_at),
+                   sale=json.loads(sale), amounts=json.loads(amounts),
+                   original_invc_no=original_invc_no, refund_reason=refund_reason)
+
+
+class KraStore:
+    def __init__(self, outbox: Outbox) -> None:
+        self._box = outbox
+
+    # --- the lane ---------------------------------------------------------------------------
+
+    def recover(self, now: datetime) -> int:
+        """After a restart, a sale that was in flight may or may not have reached KRA: unknown."""
+        with self._box._write() as conn:
+            return conn.execute(
+                "UPDATE sales SET kra_state = 'unknown', kra_next_attempt_at = ? WHERE kra_state = 'in_flight'",
+                (timestamp(now),),
+            ).rowcount
+
+    def next_work(self) -> KraWork | None:
+        """The oldest sale not yet signed or parked: the lane never overtakes it."""
+        with self._box._read() as conn:
+            row = conn.execute(
+                f"SELECT {_WORK_COLUMNS} FROM sales s LEFT JOIN sales o ON o.id = s.original_id "
+                f"WHERE s.kra_state IN ({_PENDING}) ORDER BY s.id LIMIT 1"
+            ).fetchone()
+        return None if row is None else _work(row)
+
+    def backlog(self) -> int:
+        with self._box._read() as conn:
+            count: int = conn.execute(f"SELECT count(*) FROM sales WHERE kra_state IN ({_PENDING})").fetchone()[0]
+        return count
+
+    def allocate(self, sale_ref: int, build: Callable[[int], str], now: datetime) -> tuple[int, str]:
+        """Give the sale the next invoice number and store the exact request, before any send."""
+        at = timestamp(now)
+        with self._box._write() as conn:
+            invc_no = conn.execute(
+                "UPDATE counters SET value = value + 1 WHERE name = 'invc_no' RETURNING value"
+            ).fetchone()[0]
+            request = build(invc_no)
+            conn.execute(
+                "UPDATE sales SET kra_state = 'in_flight', kra_invc_no = ?, kra_request = ?, "
+                "kra_next_attempt_at = NULL, kra_error = NULL WHERE id = ? AND kra_state = 'queued'",
+                (invc_no, request, sale_ref),
+            )
+            self._box._journal(conn, at, "sent", sale_ref, {
+                "invc_no": invc_no, "request_sha256": hashlib.sha256(request.encode()).hexdigest(),
+            })
+        return invc_no, request
+
+    def renumber(self, sale_ref: int, invc_no: int, build: Callable[[int], str], now: datetime) -> str:
+        """KRA wants another number for a request it never accepted: take it, keep the counter there."""
+        at = timestamp(now)
+        with self._box._write() as conn:
+            old = conn.execute("SELECT kra_invc_no FROM sales WHERE id = ?", (sale_ref,)).fetchone()[0]
+            request = build(invc_no)
+            conn.execute("UPDATE counters SET value = ? WHERE name = 'invc_no'", (invc_no,))
+            conn.execute(
+                "UPDATE sales SET kra_state = 'in_flight', kra_invc_no = ?, kra_request = ? WHERE id = ?",
+                (invc_no, request, sale_ref),
+            )
+            self._box._journal(conn, at, "renumbered", sale_ref, {"from": old, "to": invc_no})
+        return request
+
+    def mark_sending(self, sale_ref: int) -> None:
+        with self._box._write() as conn:
+            conn.execute("UPDATE sales SET kra_state = 'in_flight' WHERE id = ? AND kra_state IN ('retry', 'unknown')",
+                         (sale_ref,))
+
+    def signed(self, sale_ref: int, signature: dict[str, Any], now: datetime, *, adopted: bool) -> None:
+        at = timestamp(now)
+        with self._box._write() as conn:
+            invc_no = conn.execute(
+                "UPDATE sales SET kra_state = 'signed', kra_signature = ?, kra_signed_at = ?, kra_error = NULL, "
+                "kra_next_attempt_at = NULL WHERE id = ? RETURNING kra_invc_no",
+                (json.dumps(signature, sort_keys=True), at, sale_ref),
+            ).fetchone()[0]
+            self._box._journal(conn, at, "signed", sale_ref, {
+                "invc_no": invc_no, "rcpt_sign": signature.get("rcptSign"),
+                "sdc_date_time": signature.get("sdcDateTime"), "adopted": adopted,
+            })
+
+    def defer(self, sale_ref: int, state: str, next_attempt_at: datetime, error: str) -> None:
+        """Try again later (retry: resend as is; unknown: ask KRA first). Not a fiscal event."""
+        with self._box._write() as conn:
+            conn.execute(
+                "UPDATE sales SET kra_state = ?, kra_next_attempt_at = ?, kra_error = ?, "
+                "kra_attempts = kra_attempts + 1 WHERE id = ?",
+                (state, timestamp(next_attempt_at), error, sale_ref),
+            )
+
+    def park(self, sale_ref: int, code: str, message: str, now: datetime, *, release: bool) -> None:
+        """KRA refused the sale for good: hand its number back (if unused) and set it aside."""
+        at = timestamp(now)
+        with self._box._write() as conn:
+            invc_no = conn.execute("SELECT kra_invc_no FROM sales WHERE id = ?", (sale_ref,)).fetchone()[0]
+            released = False
+            if release and invc_no is not None:
+                # Only the newest number can go back; the lane sends one sale at a time, so it is.
+                released = conn.execute(
+                    "UPDATE counters SET value = value - 1 WHERE name = 'invc_no' AND value = ?", (invc_no,)
+                ).rowcount == 1
+            conn.execute(
+                "UPDATE sales SET kra_state = 'parked', kra_error = ?, kra_invc_no = ?, "
+                "kra_next_attempt_at = NULL WHERE id = ?",
+                (f"{code}: {message}", None if released else invc_no, sale_ref),
+            )
+            self._box._journal(conn, at, "parked", sale_ref, {
+                "code": code, "message": message, "invc_no": invc_no, "released": released,
+            })
+
+    # --- device identity, items, code lists ----------------------------------------------------
+
+    def device(self) -> dict[str, Any] | None:
+        with self._box._read() as conn:
+            row = conn.execute("SELECT tin, bhf_id, serial, sdc_id, mrc_no, info FROM kra_device").fetchone()
+        if row is None:
+            return None
+        tin, bhf_id, serial, sdc_id, mrc_no, info = row
+        return {"tin": tin, "bhf_id": bhf_id, "serial": serial, "sdc_id": sdc_id, "mrc_no": mrc_no,
+                "info": json.loads(info)}
+
+    def save_device(self, *, tin: str, bhf_id: str, serial: str, sdc_id: str, mrc_no: str | None,
+                    info: dict[str, Any], now: datetime) -> None:
+        at = timestamp(now)
+        with self._box._write() as conn:
+            conn.execute(
+                "INSERT INTO kra_device (id, tin, bhf_id, serial, sdc_id, mrc_no, info, initialised_at) "
+                "VALUES (1, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET tin = excluded.tin, "
+                "bhf_id = excluded.bhf_id, serial = excluded.serial, sdc_id = excluded.sdc_id, "
+                "mrc_no = excluded.mrc_no, info = excluded.info, initialised_at = excluded.initialised_at",
+                (tin, bhf_id, serial, sdc_id, mrc_no, json.dumps(info, sort_keys=True), at),
+            )
+            self._box._journal(conn, at, "device_initialised", None,
+                               {"tin": tin, "bhf_id": bhf_id, "serial": serial, "sdc_id": sdc_id})
+
+    def registered_items(self) -> set[str]:
+        with self._box._read() as conn:
+            return {r[0] for r in conn.execute("SELECT item_code FROM kra_items")}
+
+    def item_registered(self, item_code: str, request: str, now: datetime) -> None:
+        with self._box._write() as conn:
+            conn.execute("INSERT OR REPLACE INTO kra_items (item_code, request, registered_at) VALUES (?, ?, ?)",
+                         (item_code, request, timestamp(now)))
+
+    def code_list(self, name: str) -> tuple[Any, datetime] | None:
+        with self._box._read() as conn:
+            row = conn.execute("SELECT data, fetched_at FROM kra_code_lists WHERE name = ?", (name,)).fetchone()
+        return None if row is None else (json.loads(row[0]), datetime.fromisoformat(row[1]))
+
+    def save_code_list(self, name: str, data: Any, now: datetime) -> None:
+        with self._box._write() as conn:
+            conn.execute("INSERT OR REPLACE INTO kra_code_lists (name, data, fetched_at) VALUES (?, ?, ?)",
+                         (name, json.dumps(data, sort_keys=True), timestamp(now)))
