@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from agent.errors import ConfigError
 from agent.sales import DEFAULT_TAX_RATES, MAX_LINES_KRA, TAX_BANDS
@@ -50,6 +52,40 @@ class TaxSettings:
     default_rates: Mapping[str, Decimal] = field(default_factory=lambda: dict(DEFAULT_TAX_RATES))
 
 
+KRA_URLS = {
+    "sandbox": "https://etims-api-sbx.kra.go.ke/etims-api",
+    "production": "https://etims-api.kra.go.ke/etims-api",
+}
+SIMULATOR_DEVICE = ("P052112956W", "00", "SIM-0001")  # the built-in simulator's known device
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class KraSettings:
+    environment: str = "simulator"  # simulator (built in, started with the agent), sandbox, production
+    base_url: str = ""  # empty: KRA's URL for the environment, or the built-in simulator's
+    tin: str = SIMULATOR_DEVICE[0]
+    branch_id: str = SIMULATOR_DEVICE[1]
+    device_serial: str = SIMULATOR_DEVICE[2]
+    cmc_key: Secret | None = None
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 30.0
+    sign_budget_s: float = 3.0
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 300.0
+    user_id: str = "etims-agent"
+    user_name: str = "etims-agent"
+    origin_country: str = "KE"
+
+    @property
+    def url(self) -> str:
+        return self.base_url or KRA_URLS.get(self.environment, "")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SecretSettings:
+    backend: str = "auto"  # auto: the platform keyring if there is one, else our encrypted file
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class LogSettings:
     level: str = "info"
@@ -63,6 +99,8 @@ class Config:
     sales: SalesSettings = field(default_factory=SalesSettings)
     tax: TaxSettings = field(default_factory=TaxSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    kra: KraSettings = field(default_factory=KraSettings)
+    secrets: SecretSettings = field(default_factory=SecretSettings)
     source: str = "built-in defaults"
     secrets_in_file: tuple[str, ...] = ()
     """Keys whose secret came from the config file; fine for development, warned about otherwise."""
@@ -110,6 +148,8 @@ def parse_config(
     sales_t = root.table("sales")
     tax_t = root.table("tax")
     log_t = root.table("log")
+    kra_t = root.table("kra")
+    secrets_t = root.table("secrets")
     root.done()
 
     in_file: list[str] = []
@@ -141,6 +181,12 @@ def parse_config(
     )
     log_t.done()
 
+    kra = _kra(kra_t)
+    if kra.cmc_key is not None:
+        in_file.append("kra.cmc_key")
+    secrets = SecretSettings(backend=secrets_t.take("backend", _choice("auto", "keyring", "file"), "auto"))
+    secrets_t.done()
+
     # The environment overrides the file: it is how a service manager hands over paths and secrets.
     if env.get(DATA_DIR_ENV):
         data_dir = _path(Path.cwd())(env[DATA_DIR_ENV], DATA_DIR_ENV)
@@ -154,9 +200,40 @@ def parse_config(
         sales=sales,
         tax=TaxSettings(default_rates=rates),
         log=log,
+        kra=kra,
+        secrets=secrets,
         source=source,
         secrets_in_file=tuple(in_file),
     )
+
+
+def _kra(t: _Table) -> KraSettings:
+    env = t.take("environment", _choice("simulator", "sandbox", "production"), "simulator")
+    device = SIMULATOR_DEVICE if env == "simulator" else (None, "00", None)
+    kra = KraSettings(
+        environment=env,
+        base_url=t.take("base_url", _url(require_https=env != "simulator"), ""),
+        tin=t.take("tin", _pin, device[0]) or "",
+        branch_id=t.take("branch_id", _branch, device[1]) or "00",
+        device_serial=t.take("device_serial", _serial, device[2]) or "",
+        cmc_key=t.take("cmc_key", _secret, None),
+        connect_timeout_s=t.take("connect_timeout_s", _seconds(0.1, 120), 5.0),
+        read_timeout_s=t.take("read_timeout_s", _seconds(0.1, 600), 30.0),
+        sign_budget_s=t.take("sign_budget_s", _seconds(0, 60), 3.0),
+        backoff_base_s=t.take("backoff_base_s", _seconds(0.01, 3600), 1.0),
+        backoff_max_s=t.take("backoff_max_s", _seconds(0.01, 86400), 300.0),
+        user_id=t.take("user_id", _bounded_str(20), "etims-agent"),
+        user_name=t.take("user_name", _bounded_str(60), "etims-agent"),
+        origin_country=t.take("origin_country", _bounded_str(5), "KE"),
+    )
+    t.done()
+    if env != "simulator":
+        for key, value, what in (("tin", kra.tin, "the taxpayer's KRA PIN"),
+                                 ("device_serial", kra.device_serial, "the serial KRA approved for this device")):
+            if not value:
+                raise ConfigError(t.key(key), f"is required when kra.environment is {env!r}",
+                                  f"set it to {what}", source=t.source)
+    return kra
 
 
 def _replace_token(http: HttpSettings, token: Secret) -> HttpSettings:
@@ -173,6 +250,10 @@ class _Table:
         self._prefix = prefix
         self._source = source
         self._seen: set[str] = set()
+
+    @property
+    def source(self) -> str:
+        return self._source
 
     def key(self, name: str) -> str:
         return f"{self._prefix}{name}"
@@ -269,6 +350,63 @@ def _secret(value: Any, key: str) -> Secret:
                           "use a long random token, e.g. from `python -c 'import secrets; "
                           "print(secrets.token_urlsafe(32))'`")
     return Secret(text)
+
+
+def _bounded_str(max_len: int) -> Callable[[Any, str], str]:
+    def parse(value: Any, key: str) -> str:
+        text = _nonempty_str(value, key)
+        if len(text) > max_len:
+            raise ConfigError(key, f"is longer than {max_len} characters", "shorten it")
+        return text
+    return parse
+
+
+def _seconds(lo: float, hi: float) -> Callable[[Any, str], float]:
+    def parse(value: Any, key: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(key, f"expected a number of seconds, got {_kind(value)}",
+                              f"write a number like {hi / 10:g}")
+        if not lo <= value <= hi:
+            raise ConfigError(key, f"{value} is out of range", f"use a number of seconds from {lo:g} to {hi:g}")
+        return float(value)
+    return parse
+
+
+def _url(*, require_https: bool) -> Callable[[Any, str], str]:
+    def parse(value: Any, key: str) -> str:
+        if value == "":
+            return ""  # the environment's own address
+        text = _nonempty_str(value, key)
+        parts = urlsplit(text)
+        scheme_ok = parts.scheme == "https" or (parts.scheme == "http" and not require_https)
+        if not (scheme_ok and parts.netloc):
+            expected = "https://..." if require_https else "http(s)://..."
+            raise ConfigError(key, f"{text!r} is not a{'n https' if require_https else ''} URL",
+                              f"expected {expected}, e.g. {KRA_URLS['sandbox']}")
+        return text.rstrip("/")
+    return parse
+
+
+def _pin(value: Any, key: str) -> str:
+    text = _nonempty_str(value, key).strip().upper()
+    if not re.fullmatch(r"[A-Z][0-9]{9}[A-Z]", text):
+        raise ConfigError(key, f"{text!r} is not a KRA PIN",
+                          "expected a letter, 9 digits and a letter, e.g. P051234567Q")
+    return text
+
+
+def _branch(value: Any, key: str) -> str:
+    text = _nonempty_str(value, key).strip()
+    if not re.fullmatch(r"[0-9A-Za-z]{2}", text):
+        raise ConfigError(key, f"{text!r} is not a branch id", 'expected 2 characters, "00" for the head office')
+    return text
+
+
+def _serial(value: Any, key: str) -> str:
+    text = _nonempty_str(value, key).strip()
+    if len(text) > 100:
+        raise ConfigError(key, "is longer than 100 characters", "give the serial exactly as KRA approved it")
+    return text
 
 
 def _rate(value: Any, key: str) -> Decimal:

@@ -27,6 +27,8 @@ class TestExample:
         assert example.sales == defaults.sales
         assert example.tax == defaults.tax
         assert example.log == defaults.log
+        assert example.kra == defaults.kra
+        assert example.secrets == defaults.secrets
         assert example.data_dir == ROOT / "data"
 
     def test_example_mentions_every_key(self) -> None:
@@ -34,7 +36,10 @@ class TestExample:
         text = (ROOT / "config.example.toml").read_text()
         for key in ("data_dir", "[http]", "host", "port", "till_token", "max_body_bytes",
                     "[sales]", "prices_include_vat", "max_lines", "[tax.default_rates]",
-                    "[log]", "level", "format"):
+                    "[log]", "level", "format", "[kra]", "environment", "base_url", "tin", "branch_id",
+                    "device_serial", "cmc_key", "connect_timeout_s", "read_timeout_s", "sign_budget_s",
+                    "backoff_base_s", "backoff_max_s", "user_id", "user_name", "origin_country",
+                    "[secrets]", "backend"):
             assert key in text
 
 
@@ -97,6 +102,17 @@ ERRORS = [
     ('[log]\nformat = "xml"', "log.format", "not allowed"),
     ("data_dir = 3", "data_dir", "expected a string"),
     ("[http\nport = 1", "(file)", "not valid TOML"),
+    ('[kra]\nbase_url = "etims.example"', "kra.base_url", "not a URL"),
+    ('[kra]\nenvironment = "sandbox"\nbase_url = "http://etims.example"', "kra.base_url", "not an https URL"),
+    ('[kra]\nenvironment = "sandbox"\ndevice_serial = "x"', "kra.tin", "is required"),
+    ('[kra]\nenvironment = "sandbox"\ntin = "P051234567Q"', "kra.device_serial", "is required"),
+    ('[kra]\nenvironment = "live"', "kra.environment", "not allowed"),
+    ('[kra]\ntin = "12345"', "kra.tin", "not a KRA PIN"),
+    ('[kra]\nbranch_id = "000"', "kra.branch_id", "not a branch id"),
+    ('[kra]\nsign_budget_s = -1', "kra.sign_budget_s", "out of range"),
+    ('[kra]\nread_timeout_s = "30"', "kra.read_timeout_s", "expected a number"),
+    ('[kra]\ncmc_key = "short"', "kra.cmc_key", "shorter than 16"),
+    ('[secrets]\nbackend = "vault"', "secrets.backend", "not allowed"),
 ]
 
 

@@ -1,0 +1,248 @@
+"""The KRA signing lane: one worker per device, strictly in order, one request in flight.
+
+The rules (kra-oscu.md §4.3): the invoice number is allocated and the exact request stored before
+the first send; a request that never reached KRA is resent as is; when the outcome is unknown
+(timeout, 5xx, 994/991/999) KRA is asked first (selectInvoiceDetails) and its signature adopted if
+it has the sale, so no sale is ever signed twice; a permanent refusal hands the number back, parks
+the sale and lets the next one through. The lane never overtakes the sale at its head.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+from agent.clock import Clock
+from agent.kra.client import KraClient, KraReply
+from agent.kra.codes import Outcome, describe, expected_invoice_number
+from agent.kra.payloads import CreditNoteRef, Seller, item_request, sale_request, wire_json
+from agent.logs import get_logger
+from agent.signing import KraWork, backoff
+
+log = get_logger("agent.kra.lane")
+
+
+class LaneStore(Protocol):
+    def recover(self, now: datetime) -> int: ...
+    def next_work(self) -> KraWork | None: ...
+    def backlog(self) -> int: ...
+    def allocate(self, sale_ref: int, build: Callable[[int], str], now: datetime) -> tuple[int, str]: ...
+    def renumber(self, sale_ref: int, invc_no: int, build: Callable[[int], str], now: datetime) -> str: ...
+    def mark_sending(self, sale_ref: int) -> None: ...
+    def signed(self, sale_ref: int, signature: dict[str, Any], now: datetime, *, adopted: bool) -> None: ...
+    def defer(self, sale_ref: int, state: str, next_attempt_at: datetime, error: str) -> None: ...
+    def park(self, sale_ref: int, code: str, message: str, now: datetime, *, release: bool) -> None: ...
+    def registered_items(self) -> set[str]: ...
+    def item_registered(self, item_code: str, request: str, now: datetime) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class LaneSettings:
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 300.0
+    origin_country: str = "KE"
+
+
+SIGNATURE_FIELDS = ("curRcptNo", "totRcptNo", "intrlData", "rcptSign", "sdcDateTime")
+
+
+def signature_from(data: dict[str, Any]) -> dict[str, Any]:
+    """The signature block, with sdcDateTime normalised to YYYYMMDDhhmmss (lookups send it dashed)."""
+    sig = {k: data.get(k) for k in SIGNATURE_FIELDS}
+    raw = str(sig.get("sdcDateTime") or "")
+    digits = "".join(c for c in raw.split(".")[0] if c.isdigit())
+    sig["sdcDateTime"] = digits[:14] if len(digits) >= 14 else raw
+    return sig
+
+
+class KraLane:
+    def __init__(self, store: LaneStore, client: KraClient, seller: Seller, clock: Clock,
+                 settings: LaneSettings = LaneSettings(), rand: random.Random | None = None) -> None:
+        self._store = store
+        self._client = client
+        self._seller = seller
+        self._clock = clock
+        self._settings = settings
+        self._rand = rand or random.Random()
+        self._wake = asyncio.Event()
+        self._settled: dict[int, asyncio.Event] = {}
+        self.online: bool | None = None  # None until the first answer (or failure) says
+        self.last_error: str | None = None
+
+    # --- what the intake uses ---------------------------------------------------------------
+
+    def notify(self) -> None:
+        """A new sale is in the outbox: wake the lane now instead of at its next timer."""
+        self._wake.set()
+
+    async def wait_settled(self, sale_ref: int, timeout: float) -> bool:
+        """Wait until the sale is signed or parked, at most `timeout` seconds."""
+        event = self._settled.setdefault(sale_ref, asyncio.Event())
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            if self._settled.get(sale_ref) is event and not event.is_set():
+                self._settled.pop(sale_ref, None)
+
+    # --- the worker -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        recovered = self._store.recover(self._clock())
+        if recovered:
+            log.warning("kra_in_flight_recovered", sales=recovered,
+                        detail="sent before a stop with no answer; KRA is asked before any resend")
+        while True:
+            work = self._store.next_work()
+            if work is None:
+                await self._sleep(None)
+                continue
+            now = self._clock()
+            if work.next_attempt_at is not None and work.next_attempt_at > now:
+                await self._sleep((work.next_attempt_at - now).total_seconds())
+                continue
+            try:
+                await self._step(work)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug must not stop the lane for good; the sale is retried later
+                log.exception("kra_lane_error", sale=work.id)
+                self._store.defer(work.id, work.state, self._clock() + timedelta(seconds=30), "internal error")
+
+    async def _sleep(self, timeout: float | None) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        self._wake.clear()
+
+    async def _step(self, work: KraWork) -> None:
+        if work.state == "queued":
+            if not await self._register_items(work):
+                return
+            invc_no, request = self._store.allocate(work.id, self._builder(work), self._clock())
+            await self._send(work, invc_no, request)
+        elif work.state == "retry":
+            assert work.invc_no is not None and work.request is not None
+            self._store.mark_sending(work.id)
+            await self._send(work, work.invc_no, work.request)
+        else:  # unknown (or in_flight left by a crash that recover() has not seen)
+            await self._reconcile(work)
+
+    def _builder(self, work: KraWork) -> Callable[[int], str]:
+        credit = None
+        if work.kind == "credit_note":
+            assert work.original_invc_no is not None and work.refund_reason is not None
+            credit = CreditNoteRef(work.original_invc_no, work.refund_reason,
+                                   datetime.fromisoformat(work.sale["issued_at"]))
+        return lambda n: wire_json(sale_request(work.sale, work.amounts, n, self._seller, credit=credit))
+
+    async def _register_items(self, work: KraWork) -> bool:
+        known = self._store.registered_items()
+        for line in work.sale["lines"]:
+            code = line["item_code"]
+            if code in known:
+                continue
+            body = item_request(line, self._seller, origin_country=self._settings.origin_country)
+            reply = await self._client.save_item(body)
+            if reply.ok or reply.code == "994":  # 994: KRA has the item already
+                self._store.item_registered(code, json.dumps(body, default=str), self._clock())
+                known.add(code)
+            elif reply.outcome is Outcome.REJECTED:
+                self._park(work, reply.code, f"item {code} was refused: {reply.message}", release=False)
+                return False
+            else:
+                self._defer(work, "queued", reply)
+                return False
+        return True
+
+    async def _send(self, work: KraWork, invc_no: int, request: str) -> None:
+        for _ in range(3):  # at most two renumberings in a row; then a person should look
+            reply = await self._client.save_sale(request)
+            if reply.ok:
+                self._store.signed(work.id, signature_from(reply.data or {}), self._clock(), adopted=False)
+                self._set_online(True)
+                self._settle(work.id)
+                return
+            if reply.outcome is Outcome.RETRY:
+                self._defer(work, "retry", reply)
+                return
+            if reply.outcome is Outcome.UNKNOWN:
+                self._defer(work, "unknown", reply, immediately=work.state != "unknown")
+                return
+            expected = expected_invoice_number(reply.message)
+            if expected is None or expected == invc_no:
+                self._park(work, reply.code, reply.message, release=True)
+                return
+            # Strict numbering: KRA never accepted this number and names the one it expects.
+            log.warning("kra_renumbered", sale=work.id, invc_no=invc_no, expected=expected)
+            invc_no, request = expected, self._store.renumber(work.id, expected, self._builder(work), self._clock())
+        self._park(work, reply.code, reply.message, release=True)
+
+    async def _reconcile(self, work: KraWork) -> None:
+        assert work.invc_no is not None and work.request is not None
+        reply = await self._client.invoice(work.invc_no)
+        if reply.ok:
+            found = _first_sale(reply.data)
+            if found is not None and str(found.get("trdInvcNo")) == work.sale_id:
+                receipt = found.get("receipt") or {}
+                self._store.signed(work.id, signature_from(receipt), self._clock(), adopted=True)
+                log.info("kra_signature_adopted", sale=work.id, invc_no=work.invc_no)
+                self._set_online(True)
+                self._settle(work.id)
+                return
+            other = None if found is None else found.get("trdInvcNo")
+            self._park(work, "reconcile",
+                       f"KRA holds invoice {work.invc_no} for another document ({other}); compare with KRA "
+                       "before signing this sale again", release=False)
+            return
+        if reply.outcome is Outcome.EMPTY:  # KRA never recorded it: the identical request goes again
+            self._set_online(True)
+            self._store.mark_sending(work.id)
+            await self._send(work, work.invc_no, work.request)
+            return
+        self._defer(work, "unknown", reply)
+
+    # --- bookkeeping ------------------------------------------------------------------------
+
+    def _defer(self, work: KraWork, state: str, reply: KraReply, *, immediately: bool = False) -> None:
+        delay = timedelta(0) if immediately else backoff(
+            work.attempts, base_s=self._settings.backoff_base_s, cap_s=self._settings.backoff_max_s, rand=self._rand)
+        self._store.defer(work.id, state, self._clock() + delay, describe(reply.code, reply.message))
+        # An answer from KRA itself (a result code) means it is reachable, even if it said "later".
+        self._set_online(reply.code.isdigit(), describe(reply.code, reply.message))
+
+    def _park(self, work: KraWork, code: str, message: str, *, release: bool) -> None:
+        self._store.park(work.id, code, message, self._clock(), release=release)
+        log.warning("kra_sale_parked", sale=work.id, till_id=work.till_id, sale_id=work.sale_id,
+                    code=code, message=message)
+        self._settle(work.id)
+
+    def _settle(self, sale_ref: int) -> None:
+        event = self._settled.pop(sale_ref, None)
+        if event is not None:
+            event.set()
+
+    def _set_online(self, online: bool, error: str | None = None) -> None:
+        if online != self.online:
+            backlog = self._store.backlog()
+            if online:
+                log.info("kra_online", backlog=backlog)
+            else:
+                log.warning("kra_offline", backlog=backlog, reason=error)
+        self.online = online
+        self.last_error = None if online else error
+
+
+def _first_sale(data: Any) -> dict[str, Any] | None:
+    if isinstance(data, dict):
+        sales = data.get("salesList")
+        if isinstance(sales, list) and sales and isinstance(sales[0], dict):
+            return sales[0]
+    return None
