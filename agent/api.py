@@ -6,12 +6,14 @@ go to a thread. Errors always have the shape {"error": {"code", "message", "fiel
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -28,10 +30,22 @@ from agent.intake import IntakeRules, prepare
 from agent.logs import get_logger
 from agent.openapi import openapi_document
 from agent.queue.outbox import Outbox
-from agent.receipts import sale_view
+from agent.receipts import Seller, sale_status, sale_view
 from agent.secret import Secret
 
 log = get_logger("agent.api")
+
+
+class Signer(Protocol):
+    """The KRA lane as the intake sees it."""
+
+    online: bool | None
+    last_error: str | None
+
+    def notify(self) -> None: ...
+    def worth_waiting(self, budget_s: float) -> bool: ...
+    async def wait_settled(self, sale_ref: int, timeout: float) -> bool: ...
+    async def run(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +55,11 @@ class ApiContext:
     clock: Clock
     max_body_bytes: int
     started_at: datetime
+    signer: Signer | None = None
+    sign_budget_s: float = 0.0
+    seller: Seller | None = None
+    backlog: Callable[[], int] | None = None
+    on_shutdown: tuple[Callable[[], Awaitable[None]], ...] = ()
 
 
 class _TooLarge(Exception):
@@ -89,7 +108,17 @@ def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
             result = ctx.outbox.accept(new, ctx.clock())
         except SaleConflict as exc:
             return error(409, "conflict", str(exc), "sale_id")
-        return JSONResponse(sale_view(result.record), status_code=201 if result.created else 200)
+        record = result.record
+        signer = ctx.signer
+        if signer is not None and sale_status(record.kra_state) == "pending":
+            if result.created:
+                signer.notify()
+            # Wait a short budget for KRA's signature, unless the lane knows it cannot come in time
+            # (KRA down, or a backlog ahead): then the temporary receipt goes out at once.
+            if ctx.sign_budget_s > 0 and signer.worth_waiting(ctx.sign_budget_s) and \
+                    await signer.wait_settled(record.id, ctx.sign_budget_s):
+                record = ctx.outbox.get(record.till_id, record.sale_id) or record
+        return JSONResponse(sale_view(record, ctx.seller), status_code=201 if result.created else 200)
 
     async def get_sale(request: Request) -> Response:
         sale_id = request.path_params["sale_id"]
@@ -106,7 +135,7 @@ def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
             tills = ", ".join(r.till_id for r in records)
             return error(409, "ambiguous", f"tills {tills} each have a sale {sale_id!r}; "
                          "add ?till_id=... to choose one", "till_id")
-        return JSONResponse(sale_view(records[0]))
+        return JSONResponse(sale_view(records[0], ctx.seller))
 
     async def status(request: Request) -> Response:
         stats = await run_in_threadpool(ctx.outbox.stats)
@@ -118,8 +147,7 @@ def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
                       "uptime_s": round((now - ctx.started_at).total_seconds(), 3)},
             "outbox": {"sales": stats.sales, "journal_entries": stats.journal_entries},
             "lanes": {
-                "kra": {"state": "not_running",
-                        "detail": "no KRA signing lane in this version; sales wait in the outbox",
+                "kra": {**_kra_lane_state(ctx.signer),
                         "backlog": backlog, "by_state": stats.kra,
                         "oldest_unsigned_age_s": None if oldest is None
                         else round((now - oldest).total_seconds(), 3)},
@@ -163,7 +191,21 @@ def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
         # StorageError is answered here; only truly unexpected errors reach server_error.
         HTTPException: http_error, StorageError: storage_error, Exception: server_error,
     }
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        lane = None if ctx.signer is None else asyncio.create_task(ctx.signer.run(), name="kra-lane")
+        try:
+            yield
+        finally:
+            if lane is not None:
+                lane.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await lane
+            for close in ctx.on_shutdown:
+                await close()
+
     app: ASGIApp = Starlette(
+        lifespan=lifespan,
         routes=[
             Route("/v1/sales", post_sale, methods=["POST"]),
             Route("/v1/sales/{sale_id:path}", get_sale, methods=["GET"]),
@@ -176,6 +218,14 @@ def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
     if till_token is not None:
         app = BearerAuth(app, till_token)
     return app
+
+
+def _kra_lane_state(signer: Signer | None) -> dict[str, Any]:
+    if signer is None:
+        return {"state": "not_running",
+                "detail": "the device is not initialised with KRA; run `etims-agent init`; sales wait in the outbox"}
+    state = {None: "starting", True: "online", False: "offline"}[signer.online]
+    return {"state": state, "detail": signer.last_error}
 
 
 class BearerAuth:

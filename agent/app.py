@@ -6,26 +6,38 @@ here; no other module sees a Config.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
 from agent.api import ApiContext, create_app
 from agent.clock import Clock, system_clock
 from agent.config import TILL_TOKEN_ENV, Config
-from agent.errors import ConfigError
+from agent.errors import ConfigError, KraError
 from agent.intake import IntakeRules
+from agent.keystore import SecretStore, open_secret_store
+from agent.kra.client import KraClient
+from agent.kra.device import Initialised, initialise
+from agent.kra.lane import KraLane, LaneSettings
+from agent.kra.payloads import Seller as PayloadSeller
 from agent.lock import DataDirLock
 from agent.logs import get_logger
+from agent.queue.kra_store import KraStore
 from agent.queue.outbox import Outbox
+from agent.receipts import Seller
+from agent.secret import Secret
 
 log = get_logger("agent")
 
 OUTBOX_FILE = "outbox.sqlite3"
+CMC_KEY = "kra.cmc_key"  # the name of the device's key in the secret store
 
 
 def outbox_path(data_dir: Path) -> Path:
@@ -52,7 +64,9 @@ def intake_rules(cfg: Config) -> IntakeRules:
 
 def bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets that say they are TCP; without it
+    # Nagle and delayed ACKs add 40 ms to every answer written in two parts.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
@@ -87,6 +101,108 @@ def _serve(server: uvicorn.Server, sock: socket.socket) -> None:
             signal.signal(sig, handler)
 
 
+@dataclass
+class KraParts:
+    lane: KraLane
+    client: KraClient
+    seller: Seller
+    simulator: Any = None  # the built-in simulator, when kra.environment is "simulator"
+
+
+def open_secrets(cfg: Config) -> SecretStore:
+    return open_secret_store(cfg.data_dir, cfg.secrets.backend)
+
+
+def kra_client(cfg: Config, base_url: str, cmc_key: Secret | None) -> KraClient:
+    return KraClient(base_url, tin=cfg.kra.tin, bhf_id=cfg.kra.branch_id, cmc_key=cmc_key,
+                     connect_timeout=cfg.kra.connect_timeout_s, read_timeout=cfg.kra.read_timeout_s)
+
+
+def uses_builtin_simulator(cfg: Config) -> bool:
+    return cfg.kra.environment == "simulator" and not cfg.kra.base_url
+
+
+def build_kra(cfg: Config, outbox: Outbox, clock: Clock) -> KraParts | None:
+    """The KRA lane for this device, or None (with a warning) while the device is not initialised."""
+    store = KraStore(outbox)
+    simulator = None
+    base_url = cfg.kra.url
+    if uses_builtin_simulator(cfg):
+        # The quick-start default: a simulator in this process, fresh at every start (its state
+        # lives in memory), whose device is initialised here each time. Its key is never stored.
+        from agent.kra.simulator import SimDevice, Simulator, SimulatorConfig
+
+        device = SimDevice(tin=cfg.kra.tin, bhf_id=cfg.kra.branch_id, serial=cfg.kra.device_serial)
+        simulator = Simulator(SimulatorConfig(devices=(device,))).start()
+        base_url = simulator.api_url
+        init = asyncio.run(_initialise_and_close(kra_client(cfg, base_url, None), cfg))
+        cmc_key: Secret | None = init.cmc_key
+        store.save_device(tin=cfg.kra.tin, bhf_id=cfg.kra.branch_id, serial=cfg.kra.device_serial,
+                          sdc_id=init.sdc_id, mrc_no=init.mrc_no, info=init.info, now=clock())
+        log.info("simulator_started", url=base_url, control=simulator.control_url)
+    else:
+        cmc_key = cfg.kra.cmc_key or open_secrets(cfg).get(CMC_KEY)
+    identity = store.device()
+    if cmc_key is None or identity is None:
+        log.warning("kra_not_initialised", tin=cfg.kra.tin, branch=cfg.kra.branch_id,
+                    serial=cfg.kra.device_serial,
+                    hint="run `etims-agent init`; until then sales get temporary receipts and wait")
+        return None
+    client = kra_client(cfg, base_url, cmc_key)
+    lane = KraLane(store, client,
+                   PayloadSeller(cfg.kra.tin, cfg.kra.branch_id, cfg.kra.user_id, cfg.kra.user_name), clock,
+                   LaneSettings(backoff_base_s=cfg.kra.backoff_base_s, backoff_max_s=cfg.kra.backoff_max_s,
+                                origin_country=cfg.kra.origin_country))
+    seller = Seller(tin=cfg.kra.tin, bhf_id=cfg.kra.branch_id, sdc_id=identity["sdc_id"],
+                    environment=cfg.kra.environment, name=str(identity["info"].get("taxprNm") or ""))
+    return KraParts(lane=lane, client=client, seller=seller, simulator=simulator)
+
+
+async def _initialise(client: KraClient, cfg: Config) -> Initialised:
+    return await initialise(client, tin=cfg.kra.tin, bhf_id=cfg.kra.branch_id, serial=cfg.kra.device_serial)
+
+
+def init_device(cfg: Config, *, cmc_key: Secret | None = None, scu_id: str | None = None,
+                mrc_no: str | None = None, clock: Clock = system_clock) -> str:
+    """`etims-agent init`: initialise once with KRA, or adopt a key issued earlier. Returns a summary."""
+    if uses_builtin_simulator(cfg):
+        return ("kra.environment is the built-in simulator, which initialises its device at every start; "
+                "nothing to do. Set kra.environment (and kra.tin, kra.device_serial) for KRA")
+    with DataDirLock(cfg.data_dir):
+        outbox = Outbox.open(outbox_path(cfg.data_dir))
+        try:
+            store = KraStore(outbox)
+            secrets = open_secrets(cfg)
+            if cmc_key is not None:
+                if not scu_id:
+                    raise ConfigError("--scu-id", "is required with --cmc-key",
+                                      "give the SCU id (sdcId) that came with the key")
+                sdc_id, mrc, info, how = scu_id, mrc_no, {"adopted": True}, "adopted"
+            else:
+                existing = store.device()
+                if existing is not None and secrets.get(CMC_KEY) is not None:
+                    raise KraError(f"this device is already initialised (SCU id {existing['sdc_id']}); KRA would "
+                                   "answer 902 and not issue the key again. Nothing was changed")
+                client = kra_client(cfg, cfg.kra.url, None)
+                init = asyncio.run(_initialise_and_close(client, cfg))
+                cmc_key, sdc_id, mrc, info, how = init.cmc_key, init.sdc_id, init.mrc_no, init.info, "initialised"
+            secrets.set(CMC_KEY, cmc_key)
+            store.save_device(tin=cfg.kra.tin, bhf_id=cfg.kra.branch_id, serial=cfg.kra.device_serial,
+                              sdc_id=sdc_id, mrc_no=mrc, info=info, now=clock())
+        finally:
+            outbox.close()
+    log.info("device_" + how, tin=cfg.kra.tin, branch=cfg.kra.branch_id, sdc_id=sdc_id)
+    return (f"device {how}: PIN {cfg.kra.tin}, branch {cfg.kra.branch_id}, serial {cfg.kra.device_serial}, "
+            f"SCU id {sdc_id}; the cmcKey is stored in {secrets.description}")
+
+
+async def _initialise_and_close(client: KraClient, cfg: Config) -> Initialised:
+    try:
+        return await _initialise(client, cfg)
+    finally:
+        await client.aclose()
+
+
 def run(cfg: Config, *, clock: Clock = system_clock,
         on_ready: Callable[[str], None] | None = None) -> None:
     """Run in the foreground until SIGTERM or SIGINT; in-flight requests finish first."""
@@ -96,15 +212,20 @@ def run(cfg: Config, *, clock: Clock = system_clock,
                     hint="fine for development; in production use the environment or the keyring")
     with DataDirLock(cfg.data_dir):
         outbox = Outbox.open(outbox_path(cfg.data_dir))
+        kra: KraParts | None = None
         try:
+            kra = build_kra(cfg, outbox, clock)
             ctx = ApiContext(outbox=outbox, rules=intake_rules(cfg), clock=clock,
-                             max_body_bytes=cfg.http.max_body_bytes, started_at=clock())
+                             max_body_bytes=cfg.http.max_body_bytes, started_at=clock(),
+                             signer=kra.lane if kra else None, sign_budget_s=cfg.kra.sign_budget_s,
+                             seller=kra.seller if kra else None,
+                             on_shutdown=(kra.client.aclose,) if kra else ())
             app = create_app(ctx, till_token=cfg.http.till_token)
             sock = bind(cfg.http.host, cfg.http.port)
             host, port = sock.getsockname()[:2]
             url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
             server = uvicorn.Server(uvicorn.Config(
-                app, log_config=None, access_log=False, lifespan="off", http="httptools",
+                app, log_config=None, access_log=False, lifespan="on", http="httptools",
                 timeout_graceful_shutdown=10, server_header=False,
             ))
             log.info("listening", url=url, data_dir=str(cfg.data_dir), config=cfg.source)
@@ -113,4 +234,6 @@ def run(cfg: Config, *, clock: Clock = system_clock,
             _serve(server, sock)
         finally:
             outbox.close()
+            if kra is not None and kra.simulator is not None:
+                kra.simulator.stop()
             log.info("stopped", data_dir=str(cfg.data_dir))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,11 +12,12 @@ from typing import Annotated, Any
 import typer
 
 from agent import __version__
-from agent.app import check_exposure, outbox_path, run
-from agent.config import Config, load_config
+from agent.app import check_exposure, init_device, outbox_path, run
+from agent.config import SIMULATOR_DEVICE, Config, load_config
 from agent.errors import AgentError, ConfigError, DataDirLocked, StorageError
 from agent.logs import configure
 from agent.queue.outbox import Outbox
+from agent.secret import Secret
 
 # Locals in tracebacks would print secrets; never show them.
 app = typer.Typer(pretty_exceptions_show_locals=False, no_args_is_help=True, add_completion=False,
@@ -120,6 +122,49 @@ def config_check(config: ConfigOption = None) -> None:
     typer.echo(f"log                  {cfg.log.level} {cfg.log.format}")
     for key in cfg.secrets_in_file:
         typer.echo(f"warning: {key} is in the config file; use the environment or keyring in production")
+
+
+@app.command()
+def init(config: ConfigOption = None,
+         cmc_key: Annotated[str | None, typer.Option(
+             "--cmc-key", help="Adopt a cmcKey issued earlier instead of asking KRA (needs --scu-id); "
+                               "give - to read it from standard input and keep it out of shell history.")] = None,
+         scu_id: Annotated[str | None, typer.Option(
+             "--scu-id", help="The SCU id (sdcId) issued with that key.")] = None,
+         mrc_no: Annotated[str | None, typer.Option("--mrc-no", help="The MRC number, if known.")] = None) -> None:
+    """Initialise this device with KRA once (selectInitOsdcInfo) and store its key in the keyring."""
+    with _errors():
+        cfg = _load(config)
+        configure(cfg.log.level, cfg.log.format)
+        if cmc_key == "-":
+            cmc_key = sys.stdin.readline().strip()
+        typer.echo(init_device(cfg, cmc_key=Secret(cmc_key) if cmc_key else None, scu_id=scu_id, mrc_no=mrc_no))
+
+
+simulate_app = typer.Typer(no_args_is_help=True, help="Run a simulator of an upstream service.")
+app.add_typer(simulate_app, name="simulate")
+
+
+@simulate_app.command("kra")
+def simulate_kra(
+        port: Annotated[int, typer.Option(help="Port of the OSCU API (faults apply here).")] = 8088,
+        control_port: Annotated[int, typer.Option(help="Port of the control API (/_sim/...).")] = 8087,
+        host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+        seed: Annotated[int, typer.Option(help="Seed for keys and signatures.")] = 1,
+        numbering: Annotated[str, typer.Option(help="lenient (unique numbers) or strict (last + 1).")] = "lenient",
+        tin: Annotated[str, typer.Option(help="PIN of the simulated device.")] = SIMULATOR_DEVICE[0],
+        branch_id: Annotated[str, typer.Option(help="Branch of the simulated device.")] = SIMULATOR_DEVICE[1],
+        serial: Annotated[str, typer.Option(help="Serial of the simulated device.")] = SIMULATOR_DEVICE[2]) -> None:
+    """Serve the KRA OSCU simulator (legacy API under /etims-api/) until stopped."""
+    from agent.kra.simulator import SimDevice, SimulatorConfig, serve_forever
+
+    if numbering not in ("lenient", "strict"):
+        raise typer.BadParameter("use lenient or strict", param_hint="--numbering")
+    configure()
+    cfg = SimulatorConfig(seed=seed, numbering=numbering,
+                          devices=(SimDevice(tin=tin, bhf_id=branch_id, serial=serial),))
+    serve_forever(cfg, host, port, control_port,
+                  on_ready=lambda api, control: typer.echo(f"KRA simulator: {api} (control {control})", err=True))
 
 
 @app.command()

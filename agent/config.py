@@ -12,7 +12,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,6 +25,7 @@ from agent.secret import Secret
 CONFIG_ENV = "ETIMS_AGENT_CONFIG"
 DATA_DIR_ENV = "ETIMS_AGENT_DATA_DIR"
 TILL_TOKEN_ENV = "ETIMS_AGENT_TILL_TOKEN"
+CMC_KEY_ENV = "ETIMS_AGENT_KRA_CMC_KEY"
 
 T = TypeVar("T")
 
@@ -193,6 +194,10 @@ def parse_config(
     if env.get(TILL_TOKEN_ENV):
         http = _replace_token(http, _secret(env[TILL_TOKEN_ENV], TILL_TOKEN_ENV))
         in_file = [k for k in in_file if k != "http.till_token"]
+
+    if env.get(CMC_KEY_ENV):
+        kra = replace(kra, cmc_key=_secret(env[CMC_KEY_ENV], CMC_KEY_ENV))
+        in_file = [k for k in in_file if k != "kra.cmc_key"]
 
     return Config(
         data_dir=data_dir,

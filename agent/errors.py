@@ -54,3 +54,7 @@ class StorageError(AgentError):
 
 class DataDirLocked(AgentError):
     """Another agent process already owns the data directory."""
+
+
+class KraError(AgentError):
+    """KRA refused a device operation or could not be reached; the message says what to do."""

@@ -95,15 +95,18 @@ def openapi_document(version: str, max_lines: int) -> dict[str, Any]:
                     },
                 },
                 "SaleResult": {
-                    "type": "object", "required": ["sale_id", "till_id", "status", "receipt"],
+                    "type": "object", "required": ["sale_id", "till_id", "status", "receipt_no", "receipt"],
                     "properties": {
                         "sale_id": {"type": "string"}, "till_id": {"type": "string"},
                         "status": {"enum": ["signed", "pending", "rejected"]},
+                        "receipt_no": {"type": "integer", "description": "The agent's gap-free receipt number."},
+                        "error": {"type": "string", "description": "Why KRA refused the sale (status rejected)."},
                         "accepted_at": {"type": "string", "format": "date-time"},
                         "receipt": {"type": "object", "required": ["kind"], "properties": {
                             "kind": {"enum": ["signed", "temporary"]},
                             "number": {"type": "integer"}, "label": {"type": "string"},
-                            "notice": {"type": "string"}}},
+                            "notice": {"type": "string"},
+                            "kra": {"type": "object", "description": "KRA's signature block (signed receipts)."}}},
                     },
                 },
                 "Error": {

@@ -6,9 +6,34 @@ and says in words that it is not a KRA tax invoice, so nobody mistakes it for on
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from agent.queue.outbox import SaleRecord
+
+QR_HOSTS = {"production": "https://etims.kra.go.ke"}
+SANDBOX_QR_HOST = "https://etims-sbx.kra.go.ke"
+
+
+@dataclass(frozen=True, slots=True)
+class Seller:
+    """What a signed receipt shows of the device: from `etims-agent init`."""
+
+    tin: str
+    bhf_id: str
+    sdc_id: str
+    environment: str = "simulator"
+    name: str = ""
+
+    def qr_url(self, rcpt_sign: str) -> str:
+        """KRA's verification URL (kra-oscu.md §5): Data = PIN + branch + signature, no separators."""
+        host = QR_HOSTS.get(self.environment, SANDBOX_QR_HOST)
+        return f"{host}/common/link/etims/receipt/indexEtimsReceiptData?Data={self.tin}{self.bhf_id}{rcpt_sign}"
+
+
+def groups_of_four(text: str) -> str:
+    return "-".join(text[i:i + 4] for i in range(0, len(text), 4))
+
 
 TEMPORARY_NOTICE = (
     "TEMPORARY RECEIPT - NOT A KRA TAX INVOICE. "
@@ -27,21 +52,42 @@ def sale_status(kra_state: str) -> str:
     return _STATUS.get(kra_state, "pending")
 
 
-def sale_view(record: SaleRecord) -> dict[str, Any]:
+def sale_view(record: SaleRecord, seller: Seller | None = None) -> dict[str, Any]:
     """The response body for a sale: the same for its first answer, a replay and a later GET."""
     view: dict[str, Any] = {
         "sale_id": record.sale_id,
         "till_id": record.till_id,
         "status": sale_status(record.kra_state),
+        "receipt_no": record.receipt_no,  # the agent's own gap-free number, kept once KRA has signed
         "accepted_at": record.accepted_at.isoformat(),
-        "receipt": _receipt(record),
+        "receipt": _receipt(record, seller),
     }
     if record.kra_error is not None:
         view["error"] = record.kra_error
     return view
 
 
-def _receipt(record: SaleRecord) -> dict[str, Any]:
+def kra_block(record: SaleRecord, seller: Seller | None) -> dict[str, Any]:
+    """The SCU information of a signed sale (kra-oscu.md §5)."""
+    sig = record.kra_signature or {}
+    sdc_id = seller.sdc_id if seller else None
+    sign = str(sig.get("rcptSign") or "")
+    label = ("NC" if record.kind == "credit_note" else "NS")
+    return {
+        "invc_no": record.kra_invc_no,
+        "scu_id": sdc_id,
+        "cu_invoice_no": f"{sdc_id}/{record.kra_invc_no}" if sdc_id else None,
+        "receipt_no": sig.get("curRcptNo"),
+        "total_receipt_no": sig.get("totRcptNo"),
+        "label": label,
+        "internal_data": groups_of_four(str(sig.get("intrlData") or "")),
+        "signature": groups_of_four(sign),
+        "signed_at": sig.get("sdcDateTime"),
+        "qr_url": seller.qr_url(sign) if seller and sign else None,
+    }
+
+
+def _receipt(record: SaleRecord, seller: Seller | None) -> dict[str, Any]:
     sale, amounts = record.sale, record.amounts
     body: dict[str, Any] = {
         "issued_at": sale["issued_at"],
@@ -60,7 +106,7 @@ def _receipt(record: SaleRecord) -> dict[str, Any]:
     if "customer" in sale:
         body["customer"] = sale["customer"]
     if record.kra_signature is not None:
-        return {"kind": "signed", "kra": record.kra_signature, **body}
+        return {"kind": "signed", "kra": kra_block(record, seller), **body}
     return {
         "kind": "temporary",
         "number": record.receipt_no,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ from typer.testing import CliRunner
 
 from agent.cli import app
 from agent.intake import accept
+from agent.keystore import open_secret_store
+from agent.kra.simulator import Simulator, SimulatorConfig
 from agent.queue.outbox import Outbox
 
 runner = CliRunner()
@@ -96,3 +99,60 @@ class TestRunRefusals:
         assert result.exit_code == 4
         assert "cannot use the data directory" in result.output
         assert "Traceback" not in result.output
+
+
+class TestInit:
+    """`etims-agent init` against the KRA simulator over real sockets, keys in the file secret store."""
+
+    @pytest.fixture(name="sim")
+    def _sim(self) -> Iterator[Simulator]:
+        with Simulator(SimulatorConfig()).start() as sim:
+            yield sim
+
+    def kra_config(self, tmp_path: Path, sim: Simulator, serial: str = "SIM-0001") -> Path:
+        tmp_path.mkdir(parents=True, exist_ok=True)
+        path = tmp_path / "kra.toml"
+        path.write_text(f'data_dir = "data"\n[kra]\nbase_url = "{sim.api_url}"\ndevice_serial = "{serial}"\n'
+                        '[secrets]\nbackend = "file"\n')
+        return path
+
+    def cmc_key(self, data_dir: Path) -> str:
+        key = open_secret_store(data_dir, "file").get("kra.cmc_key")
+        assert key is not None
+        return key.reveal()
+
+    def test_initialises_once_and_stores_the_key_encrypted(self, tmp_path: Path, sim: Simulator) -> None:
+        """The first init stores the key (never printed, not in the database); a second changes nothing."""
+        config = self.kra_config(tmp_path, sim)
+        first = runner.invoke(app, ["init", "--config", str(config)], catch_exceptions=False)
+        assert first.exit_code == 0, first.output
+        assert "device initialised" in first.output and "SCU id" in first.output
+        key = self.cmc_key(tmp_path / "data")
+        assert key not in first.output
+        data = tmp_path / "data"
+        assert not any(key.encode() in f.read_bytes() for f in data.iterdir() if f.is_file())
+        second = runner.invoke(app, ["init", "--config", str(config)])
+        assert second.exit_code == 1
+        assert "already initialised" in second.output and "Nothing was changed" in second.output
+
+    def test_unknown_serial_is_explained(self, tmp_path: Path, sim: Simulator) -> None:
+        """KRA's 901 for a serial it does not know names the settings to check."""
+        config = self.kra_config(tmp_path, sim, serial="NOT-APPROVED")
+        result = runner.invoke(app, ["init", "--config", str(config)])
+        assert result.exit_code == 1
+        assert "901" in result.output and "kra.device_serial" in result.output
+
+    def test_second_agent_is_told_about_902_and_adopts_the_key(self, tmp_path: Path, sim: Simulator) -> None:
+        """A device initialised elsewhere gets 902 explained; --cmc-key - adopts the key from stdin."""
+        elsewhere = self.kra_config(tmp_path / "other", sim)
+        assert runner.invoke(app, ["init", "--config", str(elsewhere)]).exit_code == 0
+        config = self.kra_config(tmp_path, sim)
+        refused = runner.invoke(app, ["init", "--config", str(config)])
+        assert refused.exit_code == 1
+        assert "902" in refused.output and "--cmc-key" in refused.output
+        key = self.cmc_key(tmp_path / "other" / "data")
+        sdc_id = str(sim.state()["branches"]["P052112956W/00"]["devices"][0]["sdcId"])
+        adopted = runner.invoke(app, ["init", "--config", str(config), "--cmc-key", "-", "--scu-id", sdc_id],
+                                input=key + "\n")
+        assert adopted.exit_code == 0, adopted.output
+        assert "device adopted" in adopted.output and key not in adopted.output

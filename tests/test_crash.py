@@ -1,10 +1,13 @@
-"""No sale acknowledged to a till is ever lost, and none is stored twice: real agents, kill -9.
+"""No sale acknowledged to a till is ever lost, stored twice or signed twice: real agents, kill -9.
 
 Several tills post as fast as they can to a real agent process, which is killed with SIGKILL at a
-random moment and restarted on the same data directory, round after round. Every sale that got a
-2xx answer must then be stored exactly once with the receipt the till printed; a sale cut off by
-the kill may or may not be stored, and posting it again must say which (200 stored, 201 new) and
-never store it twice. The random delays are seeded: set CRASH_SEED to replay a failing run.
+random moment and restarted on the same data directory, round after round, while its KRA lane
+signs the sales with a KRA simulator in its own process (so KRA's memory outlives every kill) that
+is made to lose answers, stall and fail between rounds. Every sale that got a 2xx answer must then
+be stored exactly once with the receipt number the till printed; a sale cut off by the kill may or
+may not be stored, and posting it again must say which (200 stored, 201 new) and never store it
+twice. At the end every sale must be signed by KRA exactly once, under invoice numbers 1..N with no
+gap, and hold the signature KRA holds. The random choices are seeded: set CRASH_SEED to replay.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any
 
 import httpx
 import pytest
-from agent_process import AgentProcess, Agents, run_cli
+from agent_process import AgentProcess, Agents, KraSimulatorProcess, run_cli
 from conftest import make_sale
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -38,6 +41,18 @@ REPOST_SHARE = 0.1  # of posts that re-send an already acknowledged sale
 HTTP_TIMEOUT = httpx.Timeout(10.0)
 JOIN_TIMEOUT_S = 30.0
 CHECKERS = 4
+SIGN_BUDGET_S = 0.3  # some tills get KRA's signature, others a temporary receipt
+DRAIN_TIMEOUT_S = 60.0
+BRANCH = "P052112956W/00"
+# What KRA does during a round (simulator faults); each round picks one.
+KRA_FAULTS: tuple[dict[str, Any], ...] = (
+    {},
+    {"latency_ms": 30},
+    {"hang_after_commit": {"count": 3, "seconds": 1.5}},
+    {"result_code": {"code": "999", "count": 3, "paths": ["saveTrnsSalesOsdc"], "commit": True}},
+    {"http_status": {"status": 503, "count": 5}},
+    {"outage": True},
+)
 
 
 def seed() -> int:
@@ -46,10 +61,27 @@ def seed() -> int:
     return value
 
 
+@pytest.fixture(name="kra")
+def _kra(tmp_path: Path) -> Iterator[KraSimulatorProcess]:
+    sim = KraSimulatorProcess(tmp_path)
+    try:
+        yield sim
+    finally:
+        sim.close()
+
+
 @pytest.fixture(name="agents")
-def _agents(tmp_path: Path) -> Iterator[Agents]:
-    with Agents(tmp_path) as agents:  # kills any agent a failing test left running
-        yield agents
+def _agents(tmp_path: Path, kra: KraSimulatorProcess) -> Iterator[Agents]:
+    with Agents(tmp_path, kra_url=kra.api_url, sign_budget_s=SIGN_BUDGET_S) as agents:
+        init = run_cli("init", "--config", str(agents.config))
+        assert init.returncode == 0, init.stdout + init.stderr
+        yield agents  # kills any agent a failing test left running
+
+
+def set_kra_faults(kra: KraSimulatorProcess, faults: dict[str, Any]) -> None:
+    cleared = {name: None for fault in KRA_FAULTS for name in fault}
+    response = httpx.post(f"{kra.control_url}/_sim/faults", json={**cleared, **faults}, timeout=10)
+    assert response.status_code == 200, response.text
 
 
 @dataclass
@@ -57,7 +89,7 @@ class Ledger:
     """What the tills sent and what they were told; shared by the client threads."""
 
     sales: dict[Key, dict[str, Any]] = field(default_factory=dict)  # every sale ever posted
-    acked: dict[Key, dict[str, Any]] = field(default_factory=dict)  # the 2xx body the till got
+    acked: dict[Key, int] = field(default_factory=dict)  # the receipt number the till printed
     failures: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -73,16 +105,17 @@ class Ledger:
             return self.sales[key]
 
     def ack(self, key: Key, status: int, body: dict[str, Any]) -> None:
-        receipt = body.get("receipt", {})
         with self.lock:
-            described = (body.get("till_id"), body.get("sale_id"))
-            if described != key or receipt.get("kind") != "temporary":
-                self.failures.append(f"{key}: {status} answer describes another sale: {body}")
-            elif key in self.acked and self.acked[key] != body:
-                self.failures.append(f"{key}: answered {status} with {body}, "
-                                     f"but was acknowledged before as {self.acked[key]}")
+            problem = describes(key, body)
+            number = body.get("receipt_no")
+            if problem:
+                self.failures.append(f"{key}: {status} answer {problem}: {body}")
+            elif key in self.acked and self.acked[key] != number:
+                self.failures.append(f"{key}: answered {status} with receipt {number}, "
+                                     f"but was acknowledged before with {self.acked[key]}")
             else:
-                self.acked[key] = body
+                assert isinstance(number, int)
+                self.acked[key] = number
 
     def fail(self, message: str) -> None:
         with self.lock:
@@ -91,6 +124,16 @@ class Ledger:
     def unacked(self) -> list[Key]:
         with self.lock:
             return sorted(set(self.sales) - set(self.acked))
+
+
+def describes(key: Key, body: dict[str, Any]) -> str | None:
+    """Why a 2xx body is not a proper answer for this sale, or None."""
+    if (body.get("till_id"), body.get("sale_id")) != key:
+        return "describes another sale"
+    kind = body.get("receipt", {}).get("kind")
+    if (body.get("status"), kind) not in (("pending", "temporary"), ("signed", "signed")):
+        return f"has status {body.get('status')} with a {kind} receipt"
+    return None
 
 
 def till(url: str, client_no: int, round_no: int, retries: dict[Key, int], new_sales: bool,
@@ -184,8 +227,7 @@ def check_outbox(outbox: Path, ledger: Ledger, context: str) -> dict[Key, tuple[
     assert not twice, f"{context}: stored more than once: {twice}"
     lost = [k for k in ledger.acked if k not in rows]
     assert not lost, f"{context}: {len(lost)} acknowledged sales lost, e.g. {lost[:5]}"
-    wrong = {k: (rows[k][1], body["receipt"]["number"]) for k, body in ledger.acked.items()
-             if rows[k][1] != body["receipt"]["number"]}
+    wrong = {k: (rows[k][1], number) for k, number in ledger.acked.items() if rows[k][1] != number}
     assert not wrong, f"{context}: receipt numbers changed (stored, printed): {wrong}"
     unknown = set(rows) - set(ledger.sales)
     assert not unknown, f"{context}: sales nobody posted: {unknown}"
@@ -196,19 +238,19 @@ def check_outbox(outbox: Path, ledger: Ledger, context: str) -> dict[Key, tuple[
 
 
 def check_api(url: str, ledger: Ledger, context: str) -> None:
-    """GET and a re-post of every acknowledged sale both answer 200 with the acknowledged body."""
+    """GET and a re-post of every acknowledged sale both answer 200 with the acknowledged receipt number."""
 
-    def check(chunk: list[tuple[Key, dict[str, Any]]]) -> list[str]:
+    def check(chunk: list[tuple[Key, int]]) -> list[str]:
         problems = []
         with httpx.Client(base_url=url, timeout=HTTP_TIMEOUT) as http:
-            for (till_id, sale_id), body in chunk:
+            for key, number in chunk:
+                till_id, sale_id = key
                 got = http.get(f"/v1/sales/{sale_id}", params={"till_id": till_id})
-                if got.status_code != 200 or got.json() != body:
-                    problems.append(f"GET {till_id}/{sale_id}: {got.status_code} {got.text[:200]}")
-                again = http.post("/v1/sales", json=ledger.sales[(till_id, sale_id)])
-                if again.status_code != 200 or again.json() != body:
-                    problems.append(f"re-post {till_id}/{sale_id}: {again.status_code} "
-                                    f"{again.text[:200]}")
+                again = http.post("/v1/sales", json=ledger.sales[key])
+                for what, answer in (("GET", got), ("re-post", again)):
+                    body = answer.json() if answer.status_code == 200 else {}
+                    if describes(key, body) or body.get("receipt_no") != number:
+                        problems.append(f"{what} {till_id}/{sale_id}: {answer.status_code} {answer.text[:200]}")
         return problems
 
     items = sorted(ledger.acked.items())
@@ -223,22 +265,58 @@ def retry_plan(ledger: Ledger, rows: dict[Key, tuple[int, int]]) -> dict[Key, in
     return {k: 200 if k in rows else 201 for k in ledger.unacked()}
 
 
-def test_kill_9_loses_no_acknowledged_sale_and_stores_none_twice(agents: Agents) -> None:
-    """Across rounds of kill -9 under load, every acknowledged sale survives exactly once."""
+def signing_state(outbox: Path) -> dict[Key, tuple[str, int | None, str | None]]:
+    """(till_id, sale_id) -> (KRA lane state, invcNo, rcptSign), read-only beside the running agent."""
+    conn = sqlite3.connect(f"file:{outbox}?mode=ro", uri=True, timeout=10)
+    try:
+        rows = conn.execute("SELECT till_id, sale_id, kra_state, kra_invc_no, "
+                            "json_extract(kra_signature, '$.rcptSign') FROM sales").fetchall()
+    finally:
+        conn.close()
+    return {(t, s): (state, no, sign) for t, s, state, no, sign in rows}
+
+
+def check_kra(kra: KraSimulatorProcess, outbox: Path) -> int:
+    """Once drained: every sale signed once by KRA, numbers 1..N, and the agent holds KRA's signature."""
+    deadline = time.monotonic() + DRAIN_TIMEOUT_S
+    while True:
+        ours = signing_state(outbox)
+        left = {k: v for k, v in ours.items() if v[0] != "signed"}
+        if not left:
+            break
+        assert time.monotonic() < deadline, f"not drained: {len(left)} unsigned, e.g. {list(left.items())[:5]}"
+        time.sleep(0.2)
+    branch = httpx.get(f"{kra.control_url}/_sim/state", timeout=10).json()["branches"][BRANCH]
+    assert branch["gaps"] == [], f"invoice numbers skipped at KRA: {branch['gaps']}"
+    assert branch["trd_invc_no_signed_twice"] == [], f"signed twice: {branch['trd_invc_no_signed_twice']}"
+    at_kra = {int(no): (inv["trdInvcNo"], inv["rcptSign"]) for no, inv in branch["invoices"].items()}
+    assert sorted(at_kra) == list(range(1, len(ours) + 1)), "KRA's numbers are not 1..N for N sales"
+    mismatched = [(key, no, at_kra.get(no or 0)) for key, (_, no, sign) in ours.items()
+                  if at_kra.get(no or 0) != (key[1], sign)]
+    assert not mismatched, f"agent and KRA disagree: {mismatched[:5]}"
+    return len(at_kra)
+
+
+def test_kill_9_loses_no_acknowledged_sale_and_stores_none_twice(agents: Agents, kra: KraSimulatorProcess) -> None:
+    """Across rounds of kill -9 under load and KRA faults, every acknowledged sale survives exactly once
+    and is signed exactly once."""
     rng = random.Random(seed())
     ledger = Ledger()
     agent = agents.start()
     retries: dict[Key, int] = {}
     for round_no in range(ROUNDS):
+        faults = rng.choice(KRA_FAULTS)
+        set_kra_faults(kra, faults)
         load = Load(agent, ledger, round_no, rng, retries)
         delay = rng.uniform(*KILL_AFTER_S)
         time.sleep(delay)
         load.stopping.set()
         agent.kill()
         load.finish()
-        context = f"round {round_no}, killed after {delay:.2f} s"
+        context = f"round {round_no} (KRA faults {faults}), killed after {delay:.2f} s"
         assert ledger.acked, f"{context}: no sale was acknowledged before the kill"
 
+        set_kra_faults(kra, {})
         agent = agents.start()
         rows = check_outbox(agents.outbox, ledger, context)
         check_api(agent.url, ledger, context)
@@ -253,6 +331,10 @@ def test_kill_9_loses_no_acknowledged_sale_and_stores_none_twice(agents: Agents)
     load.finish()
     check_outbox(agents.outbox, ledger, "after settling")
     assert not ledger.unacked()
+    started = time.monotonic()
+    signed = check_kra(kra, agents.outbox)
+    print(f"signed by KRA: {signed}, each once, invoice numbers 1..{signed} "
+          f"(drained in {time.monotonic() - started:.1f} s)")
 
     assert agent.terminate() == 0, agent.log()
     verify = run_cli("verify", "--config", str(agents.config))

@@ -12,8 +12,10 @@ from sqlite_utils import Database
 
 from agent.errors import SaleConflict, StorageError
 from agent.intake import accept, prepare
+from agent.queue.kra_store import KraStore
 from agent.queue.outbox import Outbox
-from agent.queue.schema import migrations
+from agent.queue.schema import kra_pending, migrations
+from agent.signing import PENDING_STATES
 
 
 def store(outbox: Outbox, clock: FakeClock, n: int, till: str = "TILL-1") -> None:
@@ -220,6 +222,22 @@ class TestStats:
         assert stats.tsms == {"pending": 3}
         assert stats.oldest_unsigned_at == first_at
         assert stats.journal_entries == 3
+
+    def test_lane_head_and_backlog_use_the_pending_index(self, outbox: Outbox, db_path: Path,
+                                                         clock: FakeClock) -> None:
+        """The lane's head and backlog come from the partial index, not a scan of every signed sale."""
+        store(outbox, clock, 3)
+        assert KraStore(outbox).next_work() is not None and KraStore(outbox).backlog() == 3
+        assert kra_pending() == f"kra_state IN ({', '.join(repr(s) for s in PENDING_STATES)})"
+        conn = sqlite3.connect(db_path)
+        try:
+            for query in (f"SELECT s.id FROM sales s LEFT JOIN sales o ON o.id = s.original_id "
+                          f"WHERE {kra_pending('s')} ORDER BY s.id LIMIT 1",
+                          f"SELECT count(*) FROM sales WHERE {kra_pending()}"):
+                plan = " ".join(row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {query}"))
+                assert "USING INDEX sales_kra_pending" in plan or "USING COVERING INDEX sales_kra_pending" in plan, plan
+        finally:
+            conn.close()
 
     def test_prepare_is_pure(self) -> None:
         """prepare() validates and serialises without touching storage."""

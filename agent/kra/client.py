@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 
 from agent.kra.codes import Outcome, classify
+from agent.kra.payloads import wire_json
 from agent.secret import Secret
 
 
@@ -80,7 +81,7 @@ class KraClient:
         await self._http.aclose()
 
     async def call(self, path: str, body: dict[str, Any] | str, *, device_headers: bool = True) -> KraReply:
-        content = body if isinstance(body, str) else json.dumps(body, separators=(",", ":"))
+        content = body if isinstance(body, str) else wire_json(body)
         headers = {"Content-Type": "application/json"}
         if device_headers:
             headers.update(tin=self._tin, bhfId=self._bhf_id,
@@ -104,7 +105,7 @@ class KraClient:
     async def item_classes(self, last_req_dt: str = "20180101000000") -> KraReply:
         return await self.call("selectItemClsList", {"lastReqDt": last_req_dt})
 
-    async def save_item(self, body: dict[str, Any]) -> KraReply:
+    async def save_item(self, body: dict[str, Any] | str) -> KraReply:
         return await self.call("saveItem", body)
 
     async def items(self, last_req_dt: str = "20180101000000") -> KraReply:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -63,7 +63,8 @@ def signature_from(data: dict[str, Any]) -> dict[str, Any]:
 
 class KraLane:
     def __init__(self, store: LaneStore, client: KraClient, seller: Seller, clock: Clock,
-                 settings: LaneSettings = LaneSettings(), rand: random.Random | None = None) -> None:
+                 settings: LaneSettings = LaneSettings(), rand: random.Random | None = None,
+                 timer: Callable[[], float] = time.perf_counter) -> None:
         self._store = store
         self._client = client
         self._seller = seller
@@ -72,6 +73,8 @@ class KraLane:
         self._rand = rand or random.Random()
         self._wake = asyncio.Event()
         self._settled: dict[int, asyncio.Event] = {}
+        self._timer = timer
+        self.round_trip_s: float | None = None  # moving average of KRA's answer time to a sale
         self.online: bool | None = None  # None until the first answer (or failure) says
         self.last_error: str | None = None
 
@@ -80,6 +83,13 @@ class KraLane:
     def notify(self) -> None:
         """A new sale is in the outbox: wake the lane now instead of at its next timer."""
         self._wake.set()
+
+    def worth_waiting(self, budget_s: float) -> bool:
+        """Whether a new sale can expect KRA's signature within `budget_s`: not while KRA is known to
+        be down, nor behind a backlog that takes longer than that to drain."""
+        if self.online is False:
+            return False
+        return self._store.backlog() * (self.round_trip_s or 0.0) <= budget_s
 
     async def wait_settled(self, sale_ref: int, timeout: float) -> bool:
         """Wait until the sale is signed or parked, at most `timeout` seconds."""
@@ -149,10 +159,10 @@ class KraLane:
             code = line["item_code"]
             if code in known:
                 continue
-            body = item_request(line, self._seller, origin_country=self._settings.origin_country)
+            body = wire_json(item_request(line, self._seller, origin_country=self._settings.origin_country))
             reply = await self._client.save_item(body)
             if reply.ok or reply.code == "994":  # 994: KRA has the item already
-                self._store.item_registered(code, json.dumps(body, default=str), self._clock())
+                self._store.item_registered(code, body, self._clock())
                 known.add(code)
             elif reply.outcome is Outcome.REJECTED:
                 self._park(work, reply.code, f"item {code} was refused: {reply.message}", release=False)
@@ -164,7 +174,10 @@ class KraLane:
 
     async def _send(self, work: KraWork, invc_no: int, request: str) -> None:
         for _ in range(3):  # at most two renumberings in a row; then a person should look
+            started = self._timer()
             reply = await self._client.save_sale(request)
+            if reply.code.isdigit():  # KRA answered; a refused connection says nothing of its speed
+                self._note_round_trip(self._timer() - started)
             if reply.ok:
                 self._store.signed(work.id, signature_from(reply.data or {}), self._clock(), adopted=False)
                 self._set_online(True)
@@ -228,6 +241,10 @@ class KraLane:
         event = self._settled.pop(sale_ref, None)
         if event is not None:
             event.set()
+
+    def _note_round_trip(self, seconds: float) -> None:
+        previous = self.round_trip_s
+        self.round_trip_s = seconds if previous is None else 0.8 * previous + 0.2 * seconds
 
     def _set_online(self, online: bool, error: str | None = None) -> None:
         if online != self.online:

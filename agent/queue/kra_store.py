@@ -13,13 +13,13 @@ from datetime import datetime
 from typing import Any
 
 from agent.queue.outbox import Outbox, timestamp
-from agent.signing import PENDING_STATES, KraWork
+from agent.queue.schema import kra_pending
+from agent.signing import KraWork
 
 _WORK_COLUMNS = (
     "s.id, s.till_id, s.sale_id, s.kind, s.kra_state, s.kra_invc_no, s.kra_request, s.kra_attempts, "
     "s.kra_next_attempt_at, s.sale, s.amounts, o.kra_invc_no, s.refund_reason"
 )
-_PENDING = ", ".join(f"'{s}'" for s in PENDING_STATES)
 
 
 def _work(row: tuple[Any, ...]) -> KraWork:
@@ -51,13 +51,13 @@ class KraStore:
         with self._box._read() as conn:
             row = conn.execute(
                 f"SELECT {_WORK_COLUMNS} FROM sales s LEFT JOIN sales o ON o.id = s.original_id "
-                f"WHERE s.kra_state IN ({_PENDING}) ORDER BY s.id LIMIT 1"
+                f"WHERE {kra_pending('s')} ORDER BY s.id LIMIT 1"
             ).fetchone()
         return None if row is None else _work(row)
 
     def backlog(self) -> int:
         with self._box._read() as conn:
-            count: int = conn.execute(f"SELECT count(*) FROM sales WHERE kra_state IN ({_PENDING})").fetchone()[0]
+            count: int = conn.execute(f"SELECT count(*) FROM sales WHERE {kra_pending()}").fetchone()[0]
         return count
 
     def allocate(self, sale_ref: int, build: Callable[[int], str], now: datetime) -> tuple[int, str]:

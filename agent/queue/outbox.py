@@ -24,7 +24,7 @@ from sqlite_utils import Database
 
 from agent.errors import SaleConflict, StorageError
 from agent.queue.journal import GENESIS, JournalEntry, entry_hash, verify_chain
-from agent.queue.schema import migrations
+from agent.queue.schema import kra_pending, migrations
 
 _SALE_COLUMNS = (
     "id, till_id, sale_id, kind, content_hash, sale, amounts, total, receipt_no, accepted_at, "
@@ -286,12 +286,12 @@ class Outbox:
         with self._read() as conn:
             kra = dict(conn.execute("SELECT kra_state, count(*) FROM sales GROUP BY kra_state").fetchall())
             tsms = dict(conn.execute("SELECT tsms_state, count(*) FROM sales GROUP BY tsms_state").fetchall())
-            oldest = conn.execute(
-                "SELECT min(accepted_at) FROM sales WHERE kra_state NOT IN ('signed', 'void')"
-            ).fetchone()[0]
+            first = conn.execute(  # the head of the lane's order is (near enough) the oldest
+                f"SELECT accepted_at FROM sales WHERE {kra_pending()} ORDER BY id LIMIT 1"
+            ).fetchone()
             entries = conn.execute("SELECT count(*) FROM journal").fetchone()[0]
         return OutboxStats(sales=sum(kra.values()), kra=kra, tsms=tsms,
-                           oldest_unsigned_at=_time(oldest), journal_entries=entries)
+                           oldest_unsigned_at=_time(first[0] if first else None), journal_entries=entries)
 
     def ping(self) -> None:
         with self._read() as conn:
