@@ -14,12 +14,13 @@ Starts `python -m agent run` on a temporary data directory (ephemeral port) and 
    Two rows show where the time in between goes: the agent's Outbox.accept called in-process (no
    HTTP) and the validation alone (intake.prepare).
 
-There is no KRA lane yet, so KRA is unreachable by construction and every sale is answered with a
-temporary receipt. The load generator writes pre-built requests on raw asyncio streams (uvloop when
-installed) and reads only the status line and Content-Length, so it needs little CPU next to the
-agent; the table shows both processes' CPU per sale to prove it. Exit code 0 even when a target is
-missed (the table says FAIL); 1 if the run itself went wrong (an answer other than 201, a dead
-agent).
+KRA is out of the picture by construction (kra.base_url points at a closed port and the device is
+not initialised, so no signing lane runs): every sale is answered with a temporary receipt and the
+table measures intake alone. bench/drain.py measures signing. The load generator writes pre-built
+requests on raw asyncio streams (uvloop when installed) and reads only the status line and
+Content-Length, so it needs little CPU next to the agent; the table shows both processes' CPU per
+sale to prove it. Exit code 0 even when a target is missed (the table says FAIL); 1 if the run
+itself went wrong (an answer other than 201, a dead agent).
 """
 
 from __future__ import annotations
@@ -99,13 +100,19 @@ def http_request(host: str, sale: dict[str, Any]) -> bytes:
 # --- the agent process ---------------------------------------------------------------------
 
 
-class AgentProcess:
-    """`python -m agent run` in `folder`; stderr goes to a file (a full pipe would block it)."""
+# No signing lane: the device is never initialised against this (closed) address.
+INTAKE_ONLY = '[kra]\nbase_url = "http://127.0.0.1:9/etims-api"\n'
 
-    def __init__(self, folder: Path) -> None:
-        config = folder / "agent.toml"
+
+class AgentProcess:
+    """`python -m agent run` in `folder`; stderr goes to a file (a full pipe would block it).
+
+    `settings` is TOML appended to the config (tables other than [http] and [log])."""
+
+    def __init__(self, folder: Path, settings: str = INTAKE_ONLY) -> None:
+        self.config = config = folder / "agent.toml"
         config.write_text('data_dir = "data"\n[http]\nhost = "127.0.0.1"\nport = 0\n'
-                          '[log]\nlevel = "info"\nformat = "logfmt"\n', encoding="utf-8")
+                          '[log]\nlevel = "info"\nformat = "logfmt"\n' + settings, encoding="utf-8")
         self.log_path = folder / "agent.log"
         self.outbox = folder / "data" / "outbox.sqlite3"
         env = {k: v for k, v in os.environ.items() if not k.startswith("ETIMS_AGENT_")}
@@ -402,8 +409,8 @@ def bench(args: argparse.Namespace, folder: Path) -> int:
 
     agent = AgentProcess(folder)
     try:
-        print(f"agent pid {agent.proc.pid} on http://{agent.host}:{agent.port}; no KRA lane in "
-              "this version, so KRA is unreachable and every sale gets a temporary receipt")
+        print(f"agent pid {agent.proc.pid} on http://{agent.host}:{agent.port}; intake only (no KRA "
+              "lane), so every sale gets a temporary receipt")
         host = f"{agent.host}:{agent.port}"
         if warm:
             run_async(lambda: closed_loop(agent.host, agent.port,

@@ -1,0 +1,221 @@
+"""KRA signing benchmark: the real agent draining a backlog into the KRA simulator at a fixed latency.
+
+    .venv/bin/python bench/drain.py [--sales N] [--latency-ms L] [--online M]
+
+Starts `python -m agent simulate kra` and `python -m agent run` as separate processes (the agent
+initialised with `etims-agent init`, its key in the file secret store) and measures:
+
+1. drain: N sales are posted while KRA is down (temporary receipts), then KRA comes back with L ms
+   added to every answer. The drain rate is N-1 over the time between the first and the last
+   signature the agent stored (so the backoff before the first resend does not count), beside the
+   limit 1/L: one request in flight, strictly in order, can never do better. The simulator counts
+   the TCP connections opened and requests served during the drain.
+2. online: M sales posted one after another with KRA up at the same latency; each answer must
+   carry KRA's signature. Overhead = the agent's answer time minus L, at p50 and p99: everything
+   the agent (and the simulator's own processing) adds to the network round trip.
+
+Targets (issue 3): drain >= 90 % of 1/L at L = 20 ms; <= 1 connection per 100 requests; online
+overhead p99 < 10 ms. Exit code 0 even when a target is missed (the table says FAIL); 1 if the
+run itself went wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+from ingest import ROOT, AgentProcess, machine_facts, make_sales, ms, percentile, print_table, verdict
+
+from agent.app import CMC_KEY
+from agent.keystore import open_secret_store
+
+TARGET_SHARE = 0.90
+TARGET_LATENCY_MS = 20.0
+TARGET_CONNECTIONS_PER_100 = 1.0
+TARGET_OVERHEAD_P99_MS = 10.0
+READY = re.compile(r"KRA simulator: (\S+) \(control (\S+)\)")
+
+
+class KraSimulator:
+    """`python -m agent simulate kra` on ephemeral ports."""
+
+    def __init__(self, folder: Path) -> None:
+        self.log_path = folder / "kra.log"
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "agent", "simulate", "kra", "--port", "0", "--control-port", "0"],
+                cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while not (match := READY.search(self.log_path.read_text(errors="replace"))):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the KRA simulator did not start:\n{self.log_path.read_text()}")
+            time.sleep(0.02)
+        self.api_url, self.control_url = match.group(1), match.group(2)
+
+    def faults(self, **faults: Any) -> None:
+        httpx.post(f"{self.control_url}/_sim/faults", json=faults, timeout=10).raise_for_status()
+
+    def state(self) -> dict[str, Any]:
+        body: dict[str, Any] = httpx.get(f"{self.control_url}/_sim/state", timeout=30).json()
+        return body
+
+    def counters(self) -> tuple[int, int]:
+        """(TCP connections opened, requests served) so far."""
+        state = self.state()
+        return state["connections"], sum(state["requests"].values())
+
+    def round_trip(self, cmc_key: str, n: int = 100) -> float:
+        """The simulator's own answer time at the current latency, p50, from a plain keep-alive client:
+        the best any client could see, so what is left beyond it is the agent's."""
+        headers = {"tin": "P052112956W", "bhfId": "00", "cmcKey": cmc_key}
+        times = []
+        with httpx.Client(base_url=self.api_url, timeout=30) as http:
+            for _ in range(n):
+                started = time.perf_counter()
+                http.post("/selectInvoiceDetails", json={"invcNo": 1}, headers=headers).raise_for_status()
+                times.append(time.perf_counter() - started)
+        return percentile(times, 0.5)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+
+def cmc_key(data_dir: Path) -> str:
+    key = open_secret_store(data_dir, "file").get(CMC_KEY)
+    if key is None:
+        raise RuntimeError("no cmcKey in the secret store after init")
+    return key.reveal()
+
+
+def signed_times(outbox: Path) -> list[datetime]:
+    conn = sqlite3.connect(f"file:{outbox}?mode=ro", uri=True, timeout=10)
+    try:
+        rows = conn.execute("SELECT kra_signed_at FROM sales WHERE kra_state = 'signed' ORDER BY id").fetchall()
+    finally:
+        conn.close()
+    return [datetime.fromisoformat(r[0]) for r in rows]
+
+
+def wait_signed(outbox: Path, count: int, timeout: float) -> list[datetime]:
+    deadline = time.monotonic() + timeout
+    while len(times := signed_times(outbox)) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(times)} of {count} sales signed after {timeout:.0f} s")
+        time.sleep(0.1)
+    return times
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--sales", type=int, default=1000, help="backlog size for the drain")
+    p.add_argument("--latency-ms", type=float, default=TARGET_LATENCY_MS, help="latency KRA adds to each answer")
+    p.add_argument("--online", type=int, default=200, help="sales posted one by one with KRA up")
+    p.add_argument("--dir", type=Path, default=None, help="where the temporary data directory goes")
+    args = p.parse_args()
+    if args.sales < 2 or args.online < 1 or args.latency_ms < 0:
+        p.error("--sales must be at least 2, --online at least 1, --latency-ms not negative")
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    folder = Path(tempfile.mkdtemp(prefix="etims-drain-", dir=args.dir))
+    try:
+        return bench(args, folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def bench(args: argparse.Namespace, folder: Path) -> int:
+    machine_facts(folder)
+    latency = args.latency_ms / 1000
+    kra = KraSimulator(folder)
+    agent = None
+    try:
+        settings = (f'[kra]\nbase_url = "{kra.api_url}"\nsign_budget_s = 5\nbackoff_base_s = 0.05\n'
+                    'backoff_max_s = 0.2\n[secrets]\nbackend = "file"\n')
+        (folder / "data").mkdir()
+        (folder / "agent.toml").write_text('data_dir = "data"\n' + settings, encoding="utf-8")
+        init = subprocess.run([sys.executable, "-m", "agent", "init", "--config", str(folder / "agent.toml")],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+        if init.returncode != 0:
+            raise RuntimeError(f"etims-agent init failed:\n{init.stdout}{init.stderr}")
+        kra.faults(outage=True)
+        agent = AgentProcess(folder, settings)
+        outbox = folder / "data" / "outbox.sqlite3"
+        base = f"http://{agent.host}:{agent.port}"
+        with httpx.Client(base_url=base, timeout=30) as http:
+            for sale in make_sales("D", args.sales, 4):
+                response = http.post("/v1/sales", json=sale)
+                if response.status_code != 201 or response.json()["status"] != "pending":
+                    raise RuntimeError(f"backlog sale answered {response.status_code} {response.text[:200]}")
+            print(f"phase 1: {args.sales} sales queued while KRA was down; KRA back with {args.latency_ms:g} ms")
+            connections, requests = kra.counters()
+            kra.faults(outage=False, latency_ms=args.latency_ms)
+            times = wait_signed(outbox, args.sales, timeout=args.sales * (latency + 0.05) + 60)
+            connections2, requests2 = kra.counters()
+            drain_s = (times[-1] - times[0]).total_seconds()
+            rate = (args.sales - 1) / drain_s
+
+            answers = []
+            for sale in make_sales("O", args.online, 4):
+                started = time.perf_counter()
+                response = http.post("/v1/sales", json=sale)
+                answers.append(time.perf_counter() - started)
+                if response.status_code != 201 or response.json()["status"] != "signed":
+                    raise RuntimeError(f"online sale answered {response.status_code} {response.text[:200]}")
+            print(f"phase 2: {args.online} sales signed online, one at a time")
+        sim_rtt = kra.round_trip(cmc_key(folder / "data"))
+        branch = next(iter(kra.state()["branches"].values()))
+    finally:
+        code = agent.stop() if agent is not None else None
+        kra.stop()
+    print()
+
+    limit = 1 / latency if latency else None
+    share = rate / limit if limit else None
+    per_100 = 100 * (connections2 - connections) / max(1, requests2 - requests)
+    overhead = [a - latency for a in answers]
+    at_target = args.latency_ms == TARGET_LATENCY_MS
+    print_table([
+        (f"drain rate, {args.sales} sales at L = {args.latency_ms:g} ms", f"{rate:.1f} sales/s",
+         f"limit 1/L = {limit:.1f}" if limit else "(no limit at L = 0)", ""),
+        ("drain rate / (1/L)", f"{share:.1%}" if share is not None else "-",
+         f">= {TARGET_SHARE:.0%}" if at_target else f"(at L = {TARGET_LATENCY_MS:g} ms)",
+         verdict(share >= TARGET_SHARE if at_target and share is not None else None)),
+        ("time per sale beyond L while draining", ms(drain_s / (args.sales - 1) - latency), "", ""),
+        ("  simulator's own answer time at L, p50", ms(sim_rtt), "", ""),
+        ("drain rate / (1 / simulator answer time)", f"{rate * sim_rtt:.1%}", "", ""),
+        ("KRA connections per 100 requests (drain)", f"{per_100:.2f} ({connections2 - connections} for "
+         f"{requests2 - requests})", f"<= {TARGET_CONNECTIONS_PER_100:g}",
+         verdict(per_100 <= TARGET_CONNECTIONS_PER_100)),
+        (f"online answer p50 / p99, {args.online} sales", f"{ms(percentile(answers, 0.5))} / "
+         f"{ms(percentile(answers, 0.99))}", "", ""),
+        ("online overhead (answer - L) p50", ms(percentile(overhead, 0.5)), "", ""),
+        ("online overhead (answer - L) p99", ms(percentile(overhead, 0.99)), f"< {TARGET_OVERHEAD_P99_MS:g} ms",
+         verdict(percentile(overhead, 0.99) * 1000 < TARGET_OVERHEAD_P99_MS)),
+        ("  of which beyond the simulator's answer time, p50", ms(percentile(answers, 0.5) - sim_rtt), "", ""),
+        ("signed at KRA, gaps, signed twice", f"{len(branch['invoices'])}, {len(branch['gaps'])}, "
+         f"{len(branch['trd_invc_no_signed_twice'])}", f"{args.sales + args.online}, 0, 0",
+         verdict(len(branch["invoices"]) == args.sales + args.online and not branch["gaps"]
+                 and not branch["trd_invc_no_signed_twice"])),
+        ("agent stopped by SIGTERM", f"exit {code}", "exit 0", verdict(code == 0)),
+    ])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
