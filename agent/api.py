@@ -25,11 +25,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from agent import __version__
 from agent.clock import Clock
+from agent.credit_notes import Original, credited_quantities, prepare_credit_note
 from agent.errors import InvalidSale, SaleConflict, StorageError
 from agent.intake import IntakeRules, prepare
 from agent.logs import get_logger
 from agent.openapi import openapi_document
-from agent.queue.outbox import Outbox
+from agent.queue.outbox import NewSale, Outbox, SaleRecord
 from agent.receipts import Seller, sale_status, sale_view
 from agent.secret import Secret
 
@@ -86,20 +87,20 @@ async def _body(request: Request, limit: int) -> bytes:
 
 
 def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
-    async def post_sale(request: Request) -> Response:
+    async def read_json(request: Request) -> Any:
+        """The decoded body, or the error Response to send instead."""
         try:
             body = await _body(request, ctx.max_body_bytes)
         except _TooLarge:
             return error(413, "too_large", f"the body is larger than {ctx.max_body_bytes} bytes; "
                          "split the sale or raise http.max_body_bytes", None)
         try:
-            data = json.loads(body, parse_float=Decimal)
+            return json.loads(body, parse_float=Decimal)
         except (ValueError, RecursionError):
-            return error(422, "invalid_json", "the body is not valid JSON; send one sale as a JSON object")
-        try:
-            new = prepare(data, ctx.rules)
-        except InvalidSale as exc:
-            return error(422, exc.code, exc.message, exc.field)
+            return error(422, "invalid_json", "the body is not valid JSON; send one JSON object")
+
+    async def store(new: NewSale) -> Response:
+        """Commit a sale or credit note, then wait a short budget for KRA's signature."""
         # The commit runs right here on the event loop. Handing it to a writer thread measured
         # worse (774 vs 1158 sales/s with 8 clients, bench/ingest.py): the thread spent as long
         # winning the GIL back after each SQLite call as it spent in SQLite. Commits are one at a
@@ -117,10 +118,15 @@ def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
             # (KRA down, or a backlog ahead): then the temporary receipt goes out at once.
             if ctx.sign_budget_s > 0 and signer.worth_waiting(ctx.sign_budget_s) and \
                     await signer.wait_settled(record.id, ctx.sign_budget_s):
-                record = ctx.outbox.get(record.till_id, record.sale_id) or record
-        return JSONResponse(sale_view(record, ctx.seller), status_code=201 if result.created else 200)
+                record = ctx.outbox.by_id(record.id) or record
+        return JSONResponse(view(record), status_code=201 if result.created else 200)
 
-    async def get_sale(request: Request) -> Response:
+    def view(record: SaleRecord) -> dict[str, Any]:
+        original = None if record.original_id is None else ctx.outbox.by_id(record.original_id)
+        return sale_view(record, ctx.seller, original=original)
+
+    async def lookup(request: Request) -> SaleRecord | Response:
+        """The sale the path names (and ?till_id= when several tills used its id), or an error."""
         sale_id = request.path_params["sale_id"]
         till_id = request.query_params.get("till_id")
         if till_id is not None:
@@ -135,7 +141,39 @@ def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
             tills = ", ".join(r.till_id for r in records)
             return error(409, "ambiguous", f"tills {tills} each have a sale {sale_id!r}; "
                          "add ?till_id=... to choose one", "till_id")
-        return JSONResponse(sale_view(records[0], ctx.seller))
+        return records[0]
+
+    async def post_sale(request: Request) -> Response:
+        data = await read_json(request)
+        if isinstance(data, Response):
+            return data
+        try:
+            new = prepare(data, ctx.rules)
+        except InvalidSale as exc:
+            return error(422, exc.code, exc.message, exc.field)
+        return await store(new)
+
+    async def post_credit_note(request: Request) -> Response:
+        original = await lookup(request)
+        if isinstance(original, Response):
+            return original
+        if original.kind != "sale":
+            return error(422, "not_a_sale", f"{original.sale_id!r} is a credit note; credit the original sale",
+                         "sale_id")
+        data = await read_json(request)
+        if isinstance(data, Response):
+            return data
+        try:
+            new = prepare_credit_note(data, _original(ctx.outbox, original, data), ctx.clock())
+        except InvalidSale as exc:
+            return error(422, exc.code, exc.message, exc.field)
+        return await store(new)
+
+    async def get_sale(request: Request) -> Response:
+        record = await lookup(request)
+        if isinstance(record, Response):
+            return record
+        return JSONResponse(view(record))
 
     async def status(request: Request) -> Response:
         stats = await run_in_threadpool(ctx.outbox.stats)
@@ -208,6 +246,7 @@ def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
         lifespan=lifespan,
         routes=[
             Route("/v1/sales", post_sale, methods=["POST"]),
+            Route("/v1/sales/{sale_id:path}/credit-notes", post_credit_note, methods=["POST"]),
             Route("/v1/sales/{sale_id:path}", get_sale, methods=["GET"]),
             Route("/v1/status", status, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
@@ -218,6 +257,19 @@ def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
     if till_token is not None:
         app = BearerAuth(app, till_token)
     return app
+
+
+def _original(outbox: Outbox, record: SaleRecord, data: object) -> Original:
+    """The original as a credit note sees it. A repeated request is checked as if it were new (its
+    own earlier copy not counted as credited, its stored date assumed), so it replays or conflicts."""
+    note_id = data.get("credit_note_id") if isinstance(data, dict) else None
+    notes = [n for n in outbox.credit_notes_of(record.id) if n.kra_state != "parked"]
+    earlier = next((n for n in notes if n.sale_id == note_id), None)
+    if earlier is not None and isinstance(data, dict) and "issued_at" not in data:
+        data["issued_at"] = earlier.sale["issued_at"]
+    return Original(id=record.id, till_id=record.till_id, sale_id=record.sale_id, kra_state=record.kra_state,
+                    sale=record.sale, amounts=record.amounts,
+                    credited=credited_quantities([n.sale for n in notes if n is not earlier]))
 
 
 def _kra_lane_state(signer: Signer | None) -> dict[str, Any]:

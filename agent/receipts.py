@@ -52,27 +52,35 @@ def sale_status(kra_state: str) -> str:
     return _STATUS.get(kra_state, "pending")
 
 
-def sale_view(record: SaleRecord, seller: Seller | None = None) -> dict[str, Any]:
-    """The response body for a sale: the same for its first answer, a replay and a later GET."""
+def sale_view(record: SaleRecord, seller: Seller | None = None, *,
+              original: SaleRecord | None = None) -> dict[str, Any]:
+    """The response body for a sale or credit note (`original`: the sale it credits): the same for
+    its first answer, a replay and a later GET."""
     view: dict[str, Any] = {
         "sale_id": record.sale_id,
         "till_id": record.till_id,
+        "kind": record.kind,
         "status": sale_status(record.kra_state),
         "receipt_no": record.receipt_no,  # the agent's own gap-free number, kept once KRA has signed
         "accepted_at": record.accepted_at.isoformat(),
-        "receipt": _receipt(record, seller),
+        "receipt": _receipt(record, seller, original),
     }
+    if original is not None:
+        view["credits"] = {"sale_id": original.sale_id, "till_id": original.till_id,
+                           "receipt_no": original.receipt_no, "reason": record.refund_reason}
     if record.kra_error is not None:
         view["error"] = record.kra_error
     return view
 
 
-def kra_block(record: SaleRecord, seller: Seller | None) -> dict[str, Any]:
-    """The SCU information of a signed sale (kra-oscu.md §5)."""
+def kra_block(record: SaleRecord, seller: Seller | None, original: SaleRecord | None = None) -> dict[str, Any]:
+    """The SCU information of a signed sale or credit note (kra-oscu.md §5)."""
     sig = record.kra_signature or {}
     sdc_id = seller.sdc_id if seller else None
     sign = str(sig.get("rcptSign") or "")
     label = ("NC" if record.kind == "credit_note" else "NS")
+    original_no = None if original is None or original.kra_invc_no is None or not sdc_id \
+        else f"{sdc_id}/{original.kra_invc_no}"
     return {
         "invc_no": record.kra_invc_no,
         "scu_id": sdc_id,
@@ -84,10 +92,11 @@ def kra_block(record: SaleRecord, seller: Seller | None) -> dict[str, Any]:
         "signature": groups_of_four(sign),
         "signed_at": sig.get("sdcDateTime"),
         "qr_url": seller.qr_url(sign) if seller and sign else None,
+        "original_cu_invoice_no": original_no,
     }
 
 
-def _receipt(record: SaleRecord, seller: Seller | None) -> dict[str, Any]:
+def _receipt(record: SaleRecord, seller: Seller | None, original: SaleRecord | None) -> dict[str, Any]:
     sale, amounts = record.sale, record.amounts
     body: dict[str, Any] = {
         "issued_at": sale["issued_at"],
@@ -100,13 +109,16 @@ def _receipt(record: SaleRecord, seller: Seller | None) -> dict[str, Any]:
             for line, la in zip(sale["lines"], amounts["lines"], strict=True)
         ],
         "bands": [b for b in amounts["bands"] if b["taxable"] != "0.00" or b["tax"] != "0.00"],
+        "rates": {b["band"]: b["rate"] for b in amounts["bands"]},
         "totals": {"taxable": amounts["taxable"], "tax": amounts["tax"], "total": amounts["total"]},
         "prices_include_vat": amounts["prices_include_vat"],
     }
     if "customer" in sale:
         body["customer"] = sale["customer"]
+    if seller is not None:
+        body["seller"] = {"name": seller.name, "pin": seller.tin, "branch": seller.bhf_id}
     if record.kra_signature is not None:
-        return {"kind": "signed", "kra": kra_block(record, seller), **body}
+        return {"kind": "signed", "kra": kra_block(record, seller, original), **body}
     return {
         "kind": "temporary",
         "number": record.receipt_no,

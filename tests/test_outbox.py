@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import sqlite3
 from pathlib import Path
 
@@ -12,8 +13,9 @@ from sqlite_utils import Database
 
 from agent.errors import SaleConflict, StorageError
 from agent.intake import accept, prepare
+from agent.queue.journal import GENESIS, entry_hash
 from agent.queue.kra_store import KraStore
-from agent.queue.outbox import Outbox
+from agent.queue.outbox import Outbox, timestamp
 from agent.queue.schema import kra_pending, migrations
 from agent.signing import PENDING_STATES
 
@@ -72,11 +74,20 @@ class TestDurability:
         db_path.parent.mkdir(parents=True)
         conn = sqlite3.connect(db_path, isolation_level=None)
         migrations.apply(Database(conn), stop_before="m002_kra_lane")
+        prev = GENESIS
+        for seq in (1, 2):  # the rows the first version wrote: the m001 columns only
+            new, at = prepare(make_sale(sale_id=f"S-{seq}"), RULES), timestamp(clock())
+            conn.execute("INSERT INTO sales (till_id, sale_id, content_hash, sale, amounts, total, receipt_no, "
+                         "accepted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                         (new.till_id, new.sale_id, new.content_hash, new.sale_json, new.amounts_json,
+                          str(new.total), seq, at))
+            detail = json.dumps({"till_id": new.till_id, "sale_id": new.sale_id, "content_hash": new.content_hash,
+                                 "receipt_no": seq, "total": str(new.total)}, sort_keys=True, separators=(",", ":"))
+            digest = entry_hash(prev, seq, at, "accepted", seq, detail)
+            conn.execute("INSERT INTO journal VALUES (?, ?, 'accepted', ?, ?, ?, ?)",
+                         (seq, at, seq, detail, prev, digest))
+            prev = digest
         conn.close()
-        old = Outbox(*(sqlite3.connect(db_path, isolation_level=None, check_same_thread=False) for _ in range(2)),
-                     db_path)
-        store(old, clock, 2)
-        old.close()
 
         box = Outbox.open(db_path)
         try:

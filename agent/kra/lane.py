@@ -134,6 +134,11 @@ class KraLane:
 
     async def _step(self, work: KraWork) -> None:
         if work.state == "queued":
+            if work.kind == "credit_note" and work.original_invc_no is None:
+                # The original is ahead in the lane, so it was refused (parked), never signed.
+                self._park(work, "original", "the sale this credit note refunds was refused by KRA and has no "
+                           "invoice number; requeue the corrected sale first, then this credit note", release=False)
+                return
             if not await self._register_items(work):
                 return
             invc_no, request = self._store.allocate(work.id, self._builder(work), self._clock())

@@ -28,7 +28,8 @@ from agent.queue.schema import kra_pending, migrations
 
 _SALE_COLUMNS = (
     "id, till_id, sale_id, kind, content_hash, sale, amounts, total, receipt_no, accepted_at, "
-    "kra_state, kra_invc_no, kra_error, kra_signature, kra_signed_at, tsms_state, tsms_synced_at"
+    "kra_state, kra_invc_no, kra_error, kra_signature, kra_signed_at, tsms_state, tsms_synced_at, "
+    "original_id, refund_reason"
 )
 
 
@@ -42,6 +43,9 @@ class NewSale:
     sale_json: str
     amounts_json: str
     total: Decimal
+    kind: str = "sale"  # or "credit_note"
+    original_id: int | None = None  # a credit note's original sale (its outbox id)
+    refund_reason: str | None = None  # a credit note's reason, KRA code class 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +67,8 @@ class SaleRecord:
     kra_signed_at: datetime | None
     tsms_state: str
     tsms_synced_at: datetime | None
+    original_id: int | None = None
+    refund_reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,13 +217,13 @@ class Outbox:
             # from the counter, which a trigger advances in the same insert.
             inserted = conn.execute(
                 """INSERT INTO sales (till_id, sale_id, content_hash, sale, amounts, total,
-                                      receipt_no, accepted_at)
+                                      receipt_no, accepted_at, kind, original_id, refund_reason)
                    VALUES (?, ?, ?, ?, ?, ?,
-                           (SELECT value + 1 FROM counters WHERE name = 'receipt_no'), ?)
+                           (SELECT value + 1 FROM counters WHERE name = 'receipt_no'), ?, ?, ?, ?)
                    ON CONFLICT (till_id, sale_id) DO NOTHING
                    RETURNING id, receipt_no""",
                 (new.till_id, new.sale_id, new.content_hash, new.sale_json, new.amounts_json,
-                 str(new.total), at),
+                 str(new.total), at, new.kind, new.original_id, new.refund_reason),
             ).fetchone()
             if inserted is None:
                 row = conn.execute(f"SELECT {_SALE_COLUMNS} FROM sales WHERE till_id = ? AND sale_id = ?",
@@ -227,17 +233,20 @@ class Outbox:
                     raise SaleConflict(new.till_id, new.sale_id)
                 return Accepted(record, created=False)
             sale_ref, receipt_no = inserted
-            self._journal(conn, at, "accepted", sale_ref, {
+            detail: dict[str, Any] = {
                 "till_id": new.till_id, "sale_id": new.sale_id, "content_hash": new.content_hash,
                 "receipt_no": receipt_no, "total": str(new.total),
-            })
+            }
+            if new.kind != "sale":
+                detail.update(kind=new.kind, original_id=new.original_id, refund_reason=new.refund_reason)
+            self._journal(conn, at, "accepted", sale_ref, detail)
         return Accepted(SaleRecord(
-            id=sale_ref, till_id=new.till_id, sale_id=new.sale_id, kind="sale",
+            id=sale_ref, till_id=new.till_id, sale_id=new.sale_id, kind=new.kind,
             content_hash=new.content_hash, sale=json.loads(new.sale_json),
             amounts=json.loads(new.amounts_json), total=new.total, receipt_no=receipt_no,
             accepted_at=datetime.fromisoformat(at), kra_state="queued", kra_invc_no=None,
             kra_error=None, kra_signature=None, kra_signed_at=None, tsms_state="pending",
-            tsms_synced_at=None,
+            tsms_synced_at=None, original_id=new.original_id, refund_reason=new.refund_reason,
         ), created=True)
 
     def _journal(self, conn: sqlite3.Connection, at: str, event: str, sale_ref: int | None,
@@ -269,6 +278,18 @@ class Outbox:
             row = conn.execute(f"SELECT {_SALE_COLUMNS} FROM sales WHERE till_id = ? AND sale_id = ?",
                                (till_id, sale_id)).fetchone()
         return None if row is None else _record(row)
+
+    def by_id(self, sale_ref: int) -> SaleRecord | None:
+        with self._read() as conn:
+            row = conn.execute(f"SELECT {_SALE_COLUMNS} FROM sales WHERE id = ?", (sale_ref,)).fetchone()
+        return None if row is None else _record(row)
+
+    def credit_notes_of(self, original_id: int) -> list[SaleRecord]:
+        """The credit notes issued against a sale, oldest first."""
+        with self._read() as conn:
+            rows = conn.execute(f"SELECT {_SALE_COLUMNS} FROM sales WHERE original_id = ? ORDER BY id",
+                                (original_id,)).fetchall()
+        return [_record(r) for r in rows]
 
     def find(self, sale_id: str) -> list[SaleRecord]:
         """Every till's sale with this id (a sale id is unique per till, not per agent)."""
@@ -330,7 +351,8 @@ class Outbox:
 
 def _record(row: tuple[Any, ...]) -> SaleRecord:
     (id_, till_id, sale_id, kind, content_hash, sale, amounts, total, receipt_no, accepted_at,
-     kra_state, kra_invc_no, kra_error, kra_signature, kra_signed_at, tsms_state, tsms_synced_at) = row
+     kra_state, kra_invc_no, kra_error, kra_signature, kra_signed_at, tsms_state, tsms_synced_at,
+     original_id, refund_reason) = row
     return SaleRecord(
         id=id_, till_id=till_id, sale_id=sale_id, kind=kind, content_hash=content_hash,
         sale=json.loads(sale), amounts=json.loads(amounts), total=Decimal(total),
@@ -338,4 +360,5 @@ def _record(row: tuple[Any, ...]) -> SaleRecord:
         kra_state=kra_state, kra_invc_no=kra_invc_no, kra_error=kra_error,
         kra_signature=None if kra_signature is None else json.loads(kra_signature),
         kra_signed_at=_time(kra_signed_at), tsms_state=tsms_state, tsms_synced_at=_time(tsms_synced_at),
+        original_id=original_id, refund_reason=refund_reason,
     )

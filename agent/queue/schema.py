@@ -118,8 +118,10 @@ def m002_kra_lane(db: Database) -> None:
 
 
 @migrations()
-def m003_kra_pending_index(db: Database) -> None:
+def m003_lane_indexes(db: Database) -> None:
     # The lane asks for the oldest unsigned sale before every send; without this index that was a
     # scan of every sale ever signed, and draining a backlog slowed down as the outbox grew.
     db.execute("CREATE INDEX sales_kra_pending ON sales (id) "
                "WHERE kra_state IN ('queued', 'in_flight', 'retry', 'unknown')")
+    # A sale's credit notes, looked up before each new one (quantities may not be credited twice).
+    db.execute("CREATE INDEX sales_original ON sales (original_id) WHERE original_id IS NOT NULL")
