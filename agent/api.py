@@ -31,8 +31,11 @@ from agent.intake import IntakeRules, prepare
 from agent.logs import get_logger
 from agent.openapi import openapi_document
 from agent.queue.outbox import NewSale, Outbox, SaleRecord
-from agent.receipts import Seller, sale_status, sale_view
+from agent.receipt_format import MEDIA_TYPES, WIDTHS, render
+from agent.receipt_signing import ReceiptSigner
+from agent.receipts import Seller, receipt_chain, sale_status, sale_view
 from agent.secret import Secret
+from agent.signing import PENDING_STATES
 
 log = get_logger("agent.api")
 
@@ -60,6 +63,7 @@ class ApiContext:
     sign_budget_s: float = 0.0
     seller: Seller | None = None
     backlog: Callable[[], int] | None = None
+    receipt_signer: ReceiptSigner | None = None  # signs temporary receipts
     on_shutdown: tuple[Callable[[], Awaitable[None]], ...] = ()
 
 
@@ -123,7 +127,11 @@ def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
 
     def view(record: SaleRecord) -> dict[str, Any]:
         original = None if record.original_id is None else ctx.outbox.by_id(record.original_id)
-        return sale_view(record, ctx.seller, original=original)
+        chain = None
+        if record.kra_signature is None and ctx.receipt_signer is not None:
+            entry = ctx.outbox.accepted_entry(record.id)
+            chain = None if entry is None else receipt_chain(record, entry, ctx.receipt_signer)
+        return sale_view(record, ctx.seller, original=original, chain=chain)
 
     async def lookup(request: Request) -> SaleRecord | Response:
         """The sale the path names (and ?till_id= when several tills used its id), or an error."""
@@ -169,6 +177,27 @@ def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
             return error(422, exc.code, exc.message, exc.field)
         return await store(new)
 
+    async def get_receipt(request: Request) -> Response:
+        record = await lookup(request)
+        if isinstance(record, Response):
+            return record
+        fmt = request.query_params.get("format", "text")
+        copy = request.query_params.get("copy", "auto")
+        width = request.query_params.get("width", "42")
+        if fmt not in MEDIA_TYPES:
+            return error(422, "bad_parameter", f"{fmt!r} is not a receipt format; use {', '.join(MEDIA_TYPES)}",
+                         "format")
+        if width not in {str(w) for w in WIDTHS}:
+            return error(422, "bad_parameter", f"{width!r} columns is not a paper width; use "
+                         f"{', '.join(map(str, WIDTHS))}", "width")
+        if copy not in ("auto", "true", "false"):
+            return error(422, "bad_parameter", f"{copy!r}: use auto (COPY after the first print), true or false",
+                         "copy")
+        body = view(record)
+        earlier = ctx.outbox.count_print(record.id, body["receipt"]["kind"], ctx.clock())
+        content, media_type = render(body, fmt, int(width), copy=copy == "true" or (copy == "auto" and earlier > 0))
+        return Response(content, media_type=media_type)
+
     async def get_sale(request: Request) -> Response:
         record = await lookup(request)
         if isinstance(record, Response):
@@ -179,10 +208,13 @@ def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
         stats = await run_in_threadpool(ctx.outbox.stats)
         now = ctx.clock()
         oldest = stats.oldest_unsigned_at
-        backlog = stats.sales - stats.kra.get("signed", 0) - stats.kra.get("void", 0)
+        backlog = sum(stats.kra.get(state, 0) for state in PENDING_STATES)
+        signer = ctx.receipt_signer
         body: dict[str, Any] = {
             "agent": {"version": __version__, "started_at": ctx.started_at.isoformat(),
-                      "uptime_s": round((now - ctx.started_at).total_seconds(), 3)},
+                      "uptime_s": round((now - ctx.started_at).total_seconds(), 3),
+                      "receipt_key": None if signer is None else {"key_id": signer.key_id,
+                                                                  "public_key": signer.public_key}},
             "outbox": {"sales": stats.sales, "journal_entries": stats.journal_entries},
             "lanes": {
                 "kra": {**_kra_lane_state(ctx.signer),
@@ -247,6 +279,7 @@ def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
         routes=[
             Route("/v1/sales", post_sale, methods=["POST"]),
             Route("/v1/sales/{sale_id:path}/credit-notes", post_credit_note, methods=["POST"]),
+            Route("/v1/sales/{sale_id:path}/receipt", get_receipt, methods=["GET"]),
             Route("/v1/sales/{sale_id:path}", get_sale, methods=["GET"]),
             Route("/v1/status", status, methods=["GET"]),
             Route("/health", health, methods=["GET"]),

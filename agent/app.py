@@ -31,6 +31,8 @@ from agent.lock import DataDirLock
 from agent.logs import get_logger
 from agent.queue.kra_store import KraStore
 from agent.queue.outbox import Outbox
+from agent.receipt_signing import KEY_NAME as RECEIPT_KEY
+from agent.receipt_signing import ReceiptSigner
 from agent.receipts import Seller
 from agent.secret import Secret
 
@@ -111,6 +113,18 @@ class KraParts:
 
 def open_secrets(cfg: Config) -> SecretStore:
     return open_secret_store(cfg.data_dir, cfg.secrets.backend)
+
+
+def receipt_signer(cfg: Config) -> ReceiptSigner:
+    """The agent's temporary-receipt key: made on the first start, kept in the secret store."""
+    secrets = open_secrets(cfg)
+    stored = secrets.get(RECEIPT_KEY)
+    if stored is not None:
+        return ReceiptSigner.from_secret(stored)
+    signer = ReceiptSigner.generate()
+    secrets.set(RECEIPT_KEY, signer.to_secret())
+    log.info("receipt_key_created", key_id=signer.key_id, store=secrets.description)
+    return signer
 
 
 def kra_client(cfg: Config, base_url: str, cmc_key: Secret | None) -> KraClient:
@@ -218,7 +232,7 @@ def run(cfg: Config, *, clock: Clock = system_clock,
             ctx = ApiContext(outbox=outbox, rules=intake_rules(cfg), clock=clock,
                              max_body_bytes=cfg.http.max_body_bytes, started_at=clock(),
                              signer=kra.lane if kra else None, sign_budget_s=cfg.kra.sign_budget_s,
-                             seller=kra.seller if kra else None,
+                             seller=kra.seller if kra else None, receipt_signer=receipt_signer(cfg),
                              on_shutdown=(kra.client.aclose,) if kra else ())
             app = create_app(ctx, till_token=cfg.http.till_token)
             sock = bind(cfg.http.host, cfg.http.port)

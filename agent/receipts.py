@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.queue.outbox import SaleRecord
+from agent.receipt_signing import ReceiptFacts, ReceiptSigner
 
 QR_HOSTS = {"production": "https://etims.kra.go.ke"}
 SANDBOX_QR_HOST = "https://etims-sbx.kra.go.ke"
@@ -52,8 +53,16 @@ def sale_status(kra_state: str) -> str:
     return _STATUS.get(kra_state, "pending")
 
 
+def receipt_chain(record: SaleRecord, entry: tuple[str, str], signer: ReceiptSigner) -> dict[str, str]:
+    """A temporary receipt's proof of origin: its journal entry and the agent's signature over it."""
+    prev_hash, journal_hash = entry
+    facts = ReceiptFacts(till_id=record.till_id, sale_id=record.sale_id, receipt_no=record.receipt_no,
+                         issued_at=record.sale["issued_at"], total=record.amounts["total"], journal_hash=journal_hash)
+    return {"hash": journal_hash, "prev_hash": prev_hash, "signature": signer.sign(facts), "key_id": signer.key_id}
+
+
 def sale_view(record: SaleRecord, seller: Seller | None = None, *,
-              original: SaleRecord | None = None) -> dict[str, Any]:
+              original: SaleRecord | None = None, chain: dict[str, str] | None = None) -> dict[str, Any]:
     """The response body for a sale or credit note (`original`: the sale it credits): the same for
     its first answer, a replay and a later GET."""
     view: dict[str, Any] = {
@@ -63,7 +72,7 @@ def sale_view(record: SaleRecord, seller: Seller | None = None, *,
         "status": sale_status(record.kra_state),
         "receipt_no": record.receipt_no,  # the agent's own gap-free number, kept once KRA has signed
         "accepted_at": record.accepted_at.isoformat(),
-        "receipt": _receipt(record, seller, original),
+        "receipt": _receipt(record, seller, original, chain),
     }
     if original is not None:
         view["credits"] = {"sale_id": original.sale_id, "till_id": original.till_id,
@@ -96,7 +105,8 @@ def kra_block(record: SaleRecord, seller: Seller | None, original: SaleRecord | 
     }
 
 
-def _receipt(record: SaleRecord, seller: Seller | None, original: SaleRecord | None) -> dict[str, Any]:
+def _receipt(record: SaleRecord, seller: Seller | None, original: SaleRecord | None,
+             chain: dict[str, str] | None) -> dict[str, Any]:
     sale, amounts = record.sale, record.amounts
     body: dict[str, Any] = {
         "issued_at": sale["issued_at"],
@@ -125,4 +135,5 @@ def _receipt(record: SaleRecord, seller: Seller | None, original: SaleRecord | N
         "label": temporary_label(record.receipt_no),
         "notice": TEMPORARY_NOTICE,
         **body,
+        **({"chain": chain} if chain is not None else {}),
     }

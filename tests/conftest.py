@@ -14,6 +14,7 @@ from starlette.testclient import TestClient
 from agent.api import ApiContext, create_app
 from agent.intake import IntakeRules
 from agent.queue.outbox import Outbox
+from agent.receipt_signing import ReceiptSigner
 from agent.sales import DEFAULT_TAX_RATES
 from agent.secret import Secret
 
@@ -70,12 +71,13 @@ def _outbox(db_path: Path) -> Iterator[Outbox]:
 
 
 RULES = IntakeRules(tax_rates=DEFAULT_TAX_RATES)
+RECEIPT_SIGNER = ReceiptSigner.generate()  # the agent's temporary-receipt key in API tests
 
 
 def api_client(outbox: Outbox, clock: FakeClock, *, token: Secret | None = None,
                max_body_bytes: int = 1_048_576) -> TestClient:
     ctx = ApiContext(outbox=outbox, rules=RULES, clock=clock,
-                     max_body_bytes=max_body_bytes, started_at=clock())
+                     max_body_bytes=max_body_bytes, started_at=clock(), receipt_signer=RECEIPT_SIGNER)
     return TestClient(create_app(ctx, till_token=token))
 
 

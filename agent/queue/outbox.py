@@ -271,6 +271,16 @@ class Outbox:
             return
         raise StorageError(f"cannot append to the journal in {self.path}; run `etims-agent verify`")
 
+    def count_print(self, sale_ref: int, kind: str, now: datetime) -> int:
+        """Record one more rendering of a sale's receipt of this kind; returns how many came before."""
+        with self._write() as conn:
+            prints: int = conn.execute(
+                "INSERT INTO receipt_prints (sale_ref, kind, prints, first_at) VALUES (?, ?, 1, ?) "
+                "ON CONFLICT (sale_ref, kind) DO UPDATE SET prints = prints + 1 RETURNING prints",
+                (sale_ref, kind, timestamp(now)),
+            ).fetchone()[0]
+        return prints - 1
+
     # --- reads ------------------------------------------------------------------------------
 
     def get(self, till_id: str, sale_id: str) -> SaleRecord | None:
@@ -283,6 +293,13 @@ class Outbox:
         with self._read() as conn:
             row = conn.execute(f"SELECT {_SALE_COLUMNS} FROM sales WHERE id = ?", (sale_ref,)).fetchone()
         return None if row is None else _record(row)
+
+    def accepted_entry(self, sale_ref: int) -> tuple[str, str] | None:
+        """(previous hash, hash) of the journal entry that recorded the sale's acceptance."""
+        with self._read() as conn:
+            row = conn.execute("SELECT prev_hash, hash FROM journal WHERE sale_ref = ? AND event = 'accepted'",
+                               (sale_ref,)).fetchone()
+        return None if row is None else (row[0], row[1])
 
     def credit_notes_of(self, original_id: int) -> list[SaleRecord]:
         """The credit notes issued against a sale, oldest first."""

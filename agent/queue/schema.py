@@ -125,3 +125,16 @@ def m003_lane_indexes(db: Database) -> None:
                "WHERE kra_state IN ('queued', 'in_flight', 'retry', 'unknown')")
     # A sale's credit notes, looked up before each new one (quantities may not be credited twice).
     db.execute("CREATE INDEX sales_original ON sales (original_id) WHERE original_id IS NOT NULL")
+    # A temporary receipt shows its sale's journal entry (see agent/receipt_signing.py).
+    db.execute("CREATE INDEX journal_sale ON journal (sale_ref)")
+    # How often each receipt (temporary, then signed) was rendered: every print after the first
+    # says COPY, so a second original cannot be printed.
+    db.execute("""
+        CREATE TABLE receipt_prints (
+            sale_ref INTEGER NOT NULL REFERENCES sales(id),
+            kind TEXT NOT NULL,
+            prints INTEGER NOT NULL,
+            first_at TEXT NOT NULL,
+            PRIMARY KEY (sale_ref, kind)
+        ) STRICT
+    """)
