@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -25,7 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from agent import __version__
 from agent.clock import Clock
-from agent.credit_notes import Original, credited_quantities, prepare_credit_note
+from agent.credit_notes import REFUND_REASONS, Original, credited_quantities, prepare_credit_note
 from agent.errors import InvalidSale, SaleConflict, StorageError
 from agent.intake import IntakeRules, prepare
 from agent.logs import get_logger
@@ -34,6 +35,8 @@ from agent.queue.outbox import NewSale, Outbox, SaleRecord
 from agent.receipt_format import MEDIA_TYPES, WIDTHS, render
 from agent.receipt_signing import ReceiptSigner
 from agent.receipts import Seller, receipt_chain, sale_status, sale_view
+from agent.scheduler import Job
+from agent.scheduler import start as start_jobs
 from agent.secret import Secret
 from agent.signing import PENDING_STATES
 
@@ -64,6 +67,9 @@ class ApiContext:
     seller: Seller | None = None
     backlog: Callable[[], int] | None = None
     receipt_signer: ReceiptSigner | None = None  # signs temporary receipts
+    tax_rates: Callable[[], Mapping[str, Decimal]] | None = None  # KRA's class 04 once known
+    refund_reasons: Callable[[], Mapping[str, str]] | None = None  # KRA's class 32 once known
+    jobs: tuple[Job, ...] = ()  # periodic work, run while the app serves
     on_shutdown: tuple[Callable[[], Awaitable[None]], ...] = ()
 
 
@@ -155,8 +161,9 @@ def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
         data = await read_json(request)
         if isinstance(data, Response):
             return data
+        rules = ctx.rules if ctx.tax_rates is None else dataclasses.replace(ctx.rules, tax_rates=ctx.tax_rates())
         try:
-            new = prepare(data, ctx.rules)
+            new = prepare(data, rules)
         except InvalidSale as exc:
             return error(422, exc.code, exc.message, exc.field)
         return await store(new)
@@ -172,7 +179,8 @@ def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
         if isinstance(data, Response):
             return data
         try:
-            new = prepare_credit_note(data, _original(ctx.outbox, original, data), ctx.clock())
+            reasons = (ctx.refund_reasons() if ctx.refund_reasons else None) or REFUND_REASONS
+            new = prepare_credit_note(data, _original(ctx.outbox, original, data), ctx.clock(), reasons)
         except InvalidSale as exc:
             return error(422, exc.code, exc.message, exc.field)
         return await store(new)
@@ -264,9 +272,12 @@ def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         lane = None if ctx.signer is None else asyncio.create_task(ctx.signer.run(), name="kra-lane")
+        scheduler = start_jobs(ctx.jobs, ctx.clock()) if ctx.jobs else None
         try:
             yield
         finally:
+            if scheduler is not None:
+                scheduler.shutdown(wait=False)
             if lane is not None:
                 lane.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -24,6 +24,7 @@ from agent.errors import ConfigError, KraError
 from agent.intake import IntakeRules
 from agent.keystore import SecretStore, open_secret_store
 from agent.kra.client import KraClient
+from agent.kra.code_lists import CodeLists
 from agent.kra.device import Initialised, initialise
 from agent.kra.lane import KraLane, LaneSettings
 from agent.kra.payloads import Seller as PayloadSeller
@@ -34,6 +35,7 @@ from agent.queue.outbox import Outbox
 from agent.receipt_signing import KEY_NAME as RECEIPT_KEY
 from agent.receipt_signing import ReceiptSigner
 from agent.receipts import Seller
+from agent.scheduler import Job
 from agent.secret import Secret
 
 log = get_logger("agent")
@@ -229,10 +231,13 @@ def run(cfg: Config, *, clock: Clock = system_clock,
         kra: KraParts | None = None
         try:
             kra = build_kra(cfg, outbox, clock)
+            codes = CodeLists(KraStore(outbox), kra.client if kra else None, clock, cfg.tax.default_rates)
+            jobs = () if kra is None else (Job("kra-code-lists", codes.refresh, cfg.kra.code_refresh_h * 3600),)
             ctx = ApiContext(outbox=outbox, rules=intake_rules(cfg), clock=clock,
                              max_body_bytes=cfg.http.max_body_bytes, started_at=clock(),
                              signer=kra.lane if kra else None, sign_budget_s=cfg.kra.sign_budget_s,
                              seller=kra.seller if kra else None, receipt_signer=receipt_signer(cfg),
+                             tax_rates=codes.rates, refund_reasons=codes.reasons, jobs=jobs,
                              on_shutdown=(kra.client.aclose,) if kra else ())
             app = create_app(ctx, till_token=cfg.http.till_token)
             sock = bind(cfg.http.host, cfg.http.port)

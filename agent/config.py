@@ -76,6 +76,7 @@ class KraSettings:
     user_id: str = "etims-agent"
     user_name: str = "etims-agent"
     origin_country: str = "KE"
+    code_refresh_h: float = 24.0  # how often KRA's code lists and item classes are refreshed
 
     @property
     def url(self) -> str:
@@ -230,6 +231,7 @@ def _kra(t: _Table) -> KraSettings:
         user_id=t.take("user_id", _bounded_str(20), "etims-agent"),
         user_name=t.take("user_name", _bounded_str(60), "etims-agent"),
         origin_country=t.take("origin_country", _bounded_str(5), "KE"),
+        code_refresh_h=t.take("code_refresh_h", _seconds(0.01, 24 * 30, "hours"), 24.0),
     )
     t.done()
     if env != "simulator":
@@ -366,13 +368,13 @@ def _bounded_str(max_len: int) -> Callable[[Any, str], str]:
     return parse
 
 
-def _seconds(lo: float, hi: float) -> Callable[[Any, str], float]:
+def _seconds(lo: float, hi: float, unit: str = "seconds") -> Callable[[Any, str], float]:
     def parse(value: Any, key: str) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(key, f"expected a number of seconds, got {_kind(value)}",
+            raise ConfigError(key, f"expected a number of {unit}, got {_kind(value)}",
                               f"write a number like {hi / 10:g}")
         if not lo <= value <= hi:
-            raise ConfigError(key, f"{value} is out of range", f"use a number of seconds from {lo:g} to {hi:g}")
+            raise ConfigError(key, f"{value} is out of range", f"use a number of {unit} from {lo:g} to {hi:g}")
         return float(value)
     return parse
 

@@ -40,6 +40,14 @@ def kra_datetime(moment: datetime) -> str:
     return moment.astimezone(NAIROBI).strftime("%Y%m%d%H%M%S")
 
 
+def parse_kra_datetime(text: object) -> datetime | None:
+    """KRA's YYYYMMDDhhmmss (Nairobi time, e.g. resultDt) as an aware datetime; None if it is not one."""
+    try:
+        return datetime.strptime(str(text), "%Y%m%d%H%M%S").replace(tzinfo=NAIROBI)
+    except ValueError:
+        return None
+
+
 def kra_date(moment: datetime) -> str:
     return moment.astimezone(NAIROBI).strftime("%Y%m%d")
 

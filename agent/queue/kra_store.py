@@ -164,9 +164,12 @@ class KraStore:
             self._box._journal(conn, at, "device_initialised", None,
                                {"tin": tin, "bhf_id": bhf_id, "serial": serial, "sdc_id": sdc_id})
 
-    def registered_items(self) -> set[str]:
+    def registered_items(self, codes: list[str]) -> set[str]:
+        """Which of these item codes KRA already has (saveItem done); asks only about these."""
         with self._box._read() as conn:
-            return {r[0] for r in conn.execute("SELECT item_code FROM kra_items")}
+            marks = ", ".join("?" * len(codes))
+            return {r[0] for r in conn.execute(f"SELECT item_code FROM kra_items WHERE item_code IN ({marks})",
+                                               codes)}
 
     def item_registered(self, item_code: str, request: str, now: datetime) -> None:
         with self._box._write() as conn:
