@@ -155,6 +155,7 @@ def build_kra(cfg: Config, outbox: Outbox, clock: Clock) -> KraParts | None:
         cmc_key: Secret | None = init.cmc_key
         store.save_device(tin=cfg.kra.tin, bhf_id=cfg.kra.branch_id, serial=cfg.kra.device_serial,
                           sdc_id=init.sdc_id, mrc_no=init.mrc_no, info=init.info, now=clock())
+        store.forget_items()  # the fresh simulator knows none of the items registered before
         log.info("simulator_started", url=base_url, control=simulator.control_url)
     else:
         cmc_key = cfg.kra.cmc_key or open_secrets(cfg).get(CMC_KEY)

@@ -171,6 +171,11 @@ class KraStore:
             return {r[0] for r in conn.execute(f"SELECT item_code FROM kra_items WHERE item_code IN ({marks})",
                                                codes)}
 
+    def forget_items(self) -> None:
+        """Every item will be registered again before its next sale (KRA's side was reset)."""
+        with self._box._write() as conn:
+            conn.execute("DELETE FROM kra_items")
+
     def item_registered(self, item_code: str, request: str, now: datetime) -> None:
         with self._box._write() as conn:
             conn.execute("INSERT OR REPLACE INTO kra_items (item_code, request, registered_at) VALUES (?, ?, ?)",
