@@ -313,8 +313,9 @@ def test_kill_9_loses_no_acknowledged_sale_and_stores_none_twice(agents: Agents,
         load.stopping.set()
         agent.kill()
         load.finish()
+        # A round may end before any answer (a kill within the signing budget while KRA stalls);
+        # the tills then repost in the next round, which is part of what is tested.
         context = f"round {round_no} (KRA faults {faults}), killed after {delay:.2f} s"
-        assert ledger.acked, f"{context}: no sale was acknowledged before the kill"
 
         set_kra_faults(kra, {})
         agent = agents.start()
@@ -331,6 +332,7 @@ def test_kill_9_loses_no_acknowledged_sale_and_stores_none_twice(agents: Agents,
     load.finish()
     check_outbox(agents.outbox, ledger, "after settling")
     assert not ledger.unacked()
+    assert len(ledger.acked) > ROUNDS * CLIENTS, "too few sales to prove anything"
     started = time.monotonic()
     signed = check_kra(kra, agents.outbox)
     print(f"signed by KRA: {signed}, each once, invoice numbers 1..{signed} "
