@@ -129,13 +129,14 @@ def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
             if ctx.sign_budget_s > 0 and signer.worth_waiting(ctx.sign_budget_s) and \
                     await signer.wait_settled(record.id, ctx.sign_budget_s):
                 record = ctx.outbox.by_id(record.id) or record
-        return JSONResponse(view(record), status_code=201 if result.created else 200)
+        return JSONResponse(view(record, result.entry), status_code=201 if result.created else 200)
 
-    def view(record: SaleRecord) -> dict[str, Any]:
+    def view(record: SaleRecord, entry: tuple[str, str] | None = None) -> dict[str, Any]:
+        """`entry`: the sale's journal entry when the caller has it (saves reading it back)."""
         original = None if record.original_id is None else ctx.outbox.by_id(record.original_id)
         chain = None
         if record.kra_signature is None and ctx.receipt_signer is not None:
-            entry = ctx.outbox.accepted_entry(record.id)
+            entry = entry or ctx.outbox.accepted_entry(record.id)
             chain = None if entry is None else receipt_chain(record, entry, ctx.receipt_signer)
         return sale_view(record, ctx.seller, original=original, chain=chain)
 
@@ -157,13 +158,22 @@ def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
                          "add ?till_id=... to choose one", "till_id")
         return records[0]
 
+    cached_rules = [ctx.rules]  # rebuilt only when the code-list refresh hands over new rates
+
+    def current_rules() -> IntakeRules:
+        if ctx.tax_rates is None:
+            return ctx.rules
+        rates = ctx.tax_rates()
+        if cached_rules[0].tax_rates is not rates:
+            cached_rules[0] = dataclasses.replace(ctx.rules, tax_rates=rates)
+        return cached_rules[0]
+
     async def post_sale(request: Request) -> Response:
         data = await read_json(request)
         if isinstance(data, Response):
             return data
-        rules = ctx.rules if ctx.tax_rates is None else dataclasses.replace(ctx.rules, tax_rates=ctx.tax_rates())
         try:
-            new = prepare(data, rules)
+            new = prepare(data, current_rules())
         except InvalidSale as exc:
             return error(422, exc.code, exc.message, exc.field)
         return await store(new)

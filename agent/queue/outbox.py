@@ -75,6 +75,7 @@ class SaleRecord:
 class Accepted:
     record: SaleRecord
     created: bool  # False: a replay of a sale already stored
+    entry: tuple[str, str] | None = None  # (previous hash, hash) of its journal entry, when created
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,7 +240,7 @@ class Outbox:
             }
             if new.kind != "sale":
                 detail.update(kind=new.kind, original_id=new.original_id, refund_reason=new.refund_reason)
-            self._journal(conn, at, "accepted", sale_ref, detail)
+            entry = self._journal(conn, at, "accepted", sale_ref, detail)
         return Accepted(SaleRecord(
             id=sale_ref, till_id=new.till_id, sale_id=new.sale_id, kind=new.kind,
             content_hash=new.content_hash, sale=json.loads(new.sale_json),
@@ -247,11 +248,11 @@ class Outbox:
             accepted_at=datetime.fromisoformat(at), kra_state="queued", kra_invc_no=None,
             kra_error=None, kra_signature=None, kra_signed_at=None, tsms_state="pending",
             tsms_synced_at=None, original_id=new.original_id, refund_reason=new.refund_reason,
-        ), created=True)
+        ), created=True, entry=entry)
 
     def _journal(self, conn: sqlite3.Connection, at: str, event: str, sale_ref: int | None,
-                 detail: dict[str, Any]) -> None:
-        """Append an entry linked to the last one; called inside a write transaction."""
+                 detail: dict[str, Any]) -> tuple[str, str]:
+        """Append an entry linked to the last one, inside a write transaction; returns (prev hash, hash)."""
         text = json.dumps(detail, sort_keys=True, separators=(",", ":"))
         for _ in range(2):
             if self._head is None:
@@ -268,7 +269,7 @@ class Outbox:
                 self._head = None
                 continue
             self._pending_head = (seq, digest)
-            return
+            return prev, digest
         raise StorageError(f"cannot append to the journal in {self.path}; run `etims-agent verify`")
 
     def count_print(self, sale_ref: int, kind: str, now: datetime) -> int:
