@@ -2,7 +2,8 @@
 
 The view is the dict built by `agent.receipts.sale_view`; nothing here computes an amount, it only lays
 out what the view holds. `receipt_lines` builds the lines once; text, HTML and ESC/POS only dress them:
-the title in bold, and the verification URL as text, a link or the printer's own QR code.
+the title in bold, and the verification URL as text, a link with a QR code (SVG), or the printer's
+own QR code.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from itertools import groupby
 from typing import Any, Literal, NamedTuple
+
+import segno
 
 WIDTHS = (32, 42, 48)  # columns of 58 mm and 80 mm thermal paper
 HTML_WIDTH = 42
@@ -342,8 +345,10 @@ def escpos_qr(data: str) -> bytes:
 
 def _html_block(style: Style, texts: list[str]) -> str:
     if style == "url":
-        url = html.escape("".join(texts))
-        return f'<a href="{url}">{url}</a>'
+        url = "".join(texts)
+        # segno writes the QR code as inline SVG; a phone can scan it off the screen or a printout.
+        qr = segno.make(url, error="m").svg_inline(scale=3, border=2)
+        return f'</pre><div class="qr">{qr}</div><pre><a href="{html.escape(url)}">{html.escape(url)}</a>'
     body = "\n".join(html.escape(text) for text in texts)
     if style == "title":
         return f'<strong class="title">{body}</strong>'
@@ -367,6 +372,7 @@ pre {{ margin: 0; font: inherit; white-space: pre-wrap; word-break: break-all; }
 .copy {{ margin-bottom: .5em; padding: .3em; border: 3px double #b00; color: #b00;
         font: bold 1.5em sans-serif; letter-spacing: .3em; text-align: center; }}
 a {{ color: #000; }}
+.qr {{ text-align: center; }}
 @media print {{ body {{ padding: 0; background: #fff; }} .receipt {{ padding: 0; }} }}
 </style>
 </head>

@@ -79,3 +79,4 @@ def test_signed_receipts_in_every_format(db_path: Path) -> None:
     assert b"*** COPY ***" in escpos  # the second print of the signed receipt
     assert page.headers["content-type"] == "text/html; charset=utf-8"
     assert kra["qr_url"].replace("&", "&amp;") in page.text
+    assert page.text.count("<svg") == 1  # the QR code, drawn by segno
