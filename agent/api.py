@@ -55,6 +55,18 @@ class Signer(Protocol):
     async def run(self) -> None: ...
 
 
+class Syncer(Protocol):
+    """The TSMS lane as the intake and status see it."""
+
+    state: str
+    detail: str | None
+    last_sync_at: datetime | None
+    clock_offset_s: float | None
+
+    def notify(self) -> None: ...
+    async def run(self) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class ApiContext:
     outbox: Outbox
@@ -70,6 +82,7 @@ class ApiContext:
     tax_rates: Callable[[], Mapping[str, Decimal]] | None = None  # KRA's class 04 once known
     refund_reasons: Callable[[], Mapping[str, str]] | None = None  # KRA's class 32 once known
     jobs: tuple[Job, ...] = ()  # periodic work, run while the app serves
+    syncer: Syncer | None = None  # the TSMS lane
     on_shutdown: tuple[Callable[[], Awaitable[None]], ...] = ()
 
 
@@ -120,6 +133,8 @@ def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
         except SaleConflict as exc:
             return error(409, "conflict", str(exc), "sale_id")
         record = result.record
+        if result.created and ctx.syncer is not None:
+            ctx.syncer.notify()
         signer = ctx.signer
         if signer is not None and sale_status(record.kra_state) == "pending":
             if result.created:
@@ -239,9 +254,9 @@ def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
                         "backlog": backlog, "by_state": stats.kra,
                         "oldest_unsigned_age_s": None if oldest is None
                         else round((now - oldest).total_seconds(), 3)},
-                "tsms": {"state": "not_running",
-                         "detail": "no head-office sync lane in this version",
-                         "backlog": stats.sales - stats.tsms.get("synced", 0), "by_state": stats.tsms},
+                "tsms": {**_tsms_lane_state(ctx.syncer),
+                         "backlog": stats.tsms.get("pending", 0) + stats.tsms.get("batched", 0),
+                         "by_state": stats.tsms},
             },
         }
         return JSONResponse(body)
@@ -281,17 +296,18 @@ def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
     }
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        lane = None if ctx.signer is None else asyncio.create_task(ctx.signer.run(), name="kra-lane")
+        lanes = [asyncio.create_task(lane.run(), name=name)
+                 for name, lane in (("kra-lane", ctx.signer), ("tsms-lane", ctx.syncer)) if lane is not None]
         scheduler = start_jobs(ctx.jobs, ctx.clock()) if ctx.jobs else None
         try:
             yield
         finally:
             if scheduler is not None:
                 scheduler.shutdown(wait=False)
-            if lane is not None:
-                lane.cancel()
+            for task in lanes:
+                task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await lane
+                    await task
             for close in ctx.on_shutdown:
                 await close()
 
@@ -324,6 +340,14 @@ def _original(outbox: Outbox, record: SaleRecord, data: object) -> Original:
     return Original(id=record.id, till_id=record.till_id, sale_id=record.sale_id, kra_state=record.kra_state,
                     sale=record.sale, amounts=record.amounts,
                     credited=credited_quantities([n.sale for n in notes if n is not earlier]))
+
+
+def _tsms_lane_state(syncer: Syncer | None) -> dict[str, Any]:
+    if syncer is None:
+        return {"state": "not_running", "detail": "tsms.environment is off: sales are not sent to head office"}
+    return {"state": syncer.state, "detail": syncer.detail,
+            "last_sync_at": None if syncer.last_sync_at is None else syncer.last_sync_at.isoformat(),
+            "clock_offset_s": syncer.clock_offset_s}
 
 
 def _kra_lane_state(signer: Signer | None) -> dict[str, Any]:

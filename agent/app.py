@@ -11,7 +11,7 @@ import signal
 import socket
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import uvicorn
 
 from agent.api import ApiContext, create_app
 from agent.clock import Clock, system_clock
-from agent.config import TILL_TOKEN_ENV, Config
+from agent.config import TILL_TOKEN_ENV, TSMS_SIMULATOR_TERMINAL, Config
 from agent.errors import ConfigError, KraError
 from agent.intake import IntakeRules
 from agent.keystore import SecretStore, open_secret_store
@@ -32,11 +32,18 @@ from agent.lock import DataDirLock
 from agent.logs import get_logger
 from agent.queue.kra_store import KraStore
 from agent.queue.outbox import Outbox
+from agent.queue.tsms_store import TsmsStore
 from agent.receipt_signing import KEY_NAME as RECEIPT_KEY
 from agent.receipt_signing import ReceiptSigner
 from agent.receipts import Seller
 from agent.scheduler import Job
 from agent.secret import Secret
+from agent.sync.client import TsmsClient
+from agent.sync.credentials import API_KEY as TSMS_API_KEY
+from agent.sync.credentials import TOKEN as TSMS_TOKEN
+from agent.sync.credentials import StoredCredentials
+from agent.sync.lane import SyncSettings, TsmsLane, head_office_builder
+from agent.sync.transaction import Terminal
 
 log = get_logger("agent")
 
@@ -220,6 +227,53 @@ async def _initialise_and_close(client: KraClient, cfg: Config) -> Initialised:
         await client.aclose()
 
 
+def store_tsms_key(cfg: Config, api_key: Secret) -> str:
+    """`etims-agent init tsms`: keep the terminal's API key in the secret store (and forget any old token)."""
+    if not api_key.reveal():
+        raise ConfigError("--api-key", "is empty", "give the key head office issued for this terminal")
+    secrets = open_secrets(cfg)
+    secrets.set(TSMS_API_KEY, api_key)
+    secrets.delete(TSMS_TOKEN)
+    log.info("tsms_api_key_stored", hardware_id=cfg.tsms.hardware_id)
+    return f"TSMS API key for terminal {cfg.tsms.hardware_id} stored in {secrets.description}"
+
+
+@dataclass
+class TsmsParts:
+    lane: TsmsLane
+    client: TsmsClient
+    terminal: Terminal
+    simulator: Any = None  # the built-in simulator, when tsms.environment is "simulator"
+
+
+def build_tsms(cfg: Config, outbox: Outbox, clock: Clock) -> TsmsParts | None:
+    """The head-office sync lane, or None when tsms.environment is off."""
+    t = cfg.tsms
+    if t.environment == "off":
+        return None
+    simulator = None
+    base_url, api_key, secrets = t.base_url, t.api_key, None
+    if t.environment == "simulator" and not base_url:
+        # Like KRA's: a TSMS simulator in this process, empty at every start, whose terminal is the
+        # default one; its key is a known test value, so nothing is read from or put in the keyring.
+        from agent.sync.simulator import SimTerminal, Simulator, TsmsSimulatorConfig
+
+        terminal_cfg = SimTerminal(serial_number=t.hardware_id, api_key=TSMS_SIMULATOR_TERMINAL[1],
+                                   tenant_id=t.tenant_id, terminal_id=t.terminal_id)
+        simulator = Simulator(TsmsSimulatorConfig(terminals=(terminal_cfg,))).start()
+        base_url, api_key = simulator.api_url, Secret(TSMS_SIMULATOR_TERMINAL[1])
+        log.info("tsms_simulator_started", url=base_url, control=simulator.control_url)
+    else:
+        secrets = open_secrets(cfg)
+    client = TsmsClient(base_url, connect_timeout=t.connect_timeout_s, read_timeout=t.read_timeout_s)
+    terminal = Terminal(hardware_id=t.hardware_id, customer_code=t.customer_code, protocol=t.protocol)
+    settings = SyncSettings(tenant_id=t.tenant_id, terminal_id=t.terminal_id, serial_number=t.hardware_id,
+                            batch_size=t.batch_size, max_body_bytes=t.max_body_bytes, interval_s=t.sync_interval_s,
+                            backoff_base_s=t.backoff_base_s, backoff_max_s=t.backoff_max_s)
+    lane = TsmsLane(TsmsStore(outbox), client, StoredCredentials(secrets, api_key), terminal, settings, clock)
+    return TsmsParts(lane=lane, client=client, terminal=terminal, simulator=simulator)
+
+
 def run(cfg: Config, *, clock: Clock = system_clock,
         on_ready: Callable[[str], None] | None = None) -> None:
     """Run in the foreground until SIGTERM or SIGINT; in-flight requests finish first."""
@@ -230,16 +284,26 @@ def run(cfg: Config, *, clock: Clock = system_clock,
     with DataDirLock(cfg.data_dir):
         outbox = Outbox.open(outbox_path(cfg.data_dir))
         kra: KraParts | None = None
+        tsms: TsmsParts | None = None
         try:
             kra = build_kra(cfg, outbox, clock)
+            tsms = build_tsms(cfg, outbox, clock)
             codes = CodeLists(KraStore(outbox), kra.client if kra else None, clock, cfg.tax.default_rates)
-            jobs = () if kra is None else (Job("kra-code-lists", codes.refresh, cfg.kra.code_refresh_h * 3600),)
-            ctx = ApiContext(outbox=outbox, rules=intake_rules(cfg), clock=clock,
+            jobs: list[Job] = []
+            if kra is not None:
+                jobs.append(Job("kra-code-lists", codes.refresh, cfg.kra.code_refresh_h * 3600))
+            if tsms is not None:
+                jobs.append(Job("tsms-heartbeat", tsms.lane.heartbeat, cfg.tsms.heartbeat_interval_s))
+            rules = intake_rules(cfg)
+            if tsms is not None:
+                rules = replace(rules, head_office=head_office_builder(tsms.terminal))
+            closers = [part.client.aclose for part in (kra, tsms) if part is not None]
+            ctx = ApiContext(outbox=outbox, rules=rules, clock=clock,
                              max_body_bytes=cfg.http.max_body_bytes, started_at=clock(),
                              signer=kra.lane if kra else None, sign_budget_s=cfg.kra.sign_budget_s,
                              seller=kra.seller if kra else None, receipt_signer=receipt_signer(cfg),
-                             tax_rates=codes.rates, refund_reasons=codes.reasons, jobs=jobs,
-                             on_shutdown=(kra.client.aclose,) if kra else ())
+                             tax_rates=codes.rates, refund_reasons=codes.reasons, jobs=tuple(jobs),
+                             syncer=tsms.lane if tsms else None, on_shutdown=tuple(closers))
             app = create_app(ctx, till_token=cfg.http.till_token)
             sock = bind(cfg.http.host, cfg.http.port)
             host, port = sock.getsockname()[:2]
@@ -254,6 +318,7 @@ def run(cfg: Config, *, clock: Clock = system_clock,
             _serve(server, sock)
         finally:
             outbox.close()
-            if kra is not None and kra.simulator is not None:
-                kra.simulator.stop()
+            for part in (kra, tsms):
+                if part is not None and part.simulator is not None:
+                    part.simulator.stop()
             log.info("stopped", data_dir=str(cfg.data_dir))

@@ -12,8 +12,8 @@ from typing import Annotated, Any
 import typer
 
 from agent import __version__
-from agent.app import check_exposure, init_device, outbox_path, run
-from agent.config import SIMULATOR_DEVICE, Config, load_config
+from agent.app import check_exposure, init_device, outbox_path, run, store_tsms_key
+from agent.config import SIMULATOR_DEVICE, TSMS_SIMULATOR_TERMINAL, Config, load_config
 from agent.errors import AgentError, ConfigError, DataDirLocked, StorageError
 from agent.logs import configure
 from agent.queue.outbox import Outbox
@@ -125,17 +125,35 @@ def config_check(config: ConfigOption = None) -> None:
 
 
 @app.command()
-def init(config: ConfigOption = None,
+def init(what: Annotated[str, typer.Argument(help="kra (initialise the device with KRA) or tsms (store the "
+                                                   "head-office terminal's API key).")] = "kra",
+         config: ConfigOption = None,
          cmc_key: Annotated[str | None, typer.Option(
              "--cmc-key", help="Adopt a cmcKey issued earlier instead of asking KRA (needs --scu-id); "
                                "give - to read it from standard input and keep it out of shell history.")] = None,
          scu_id: Annotated[str | None, typer.Option(
              "--scu-id", help="The SCU id (sdcId) issued with that key.")] = None,
-         mrc_no: Annotated[str | None, typer.Option("--mrc-no", help="The MRC number, if known.")] = None) -> None:
-    """Initialise this device with KRA once (selectInitOsdcInfo) and store its key in the keyring."""
+         mrc_no: Annotated[str | None, typer.Option("--mrc-no", help="The MRC number, if known.")] = None,
+         api_key: Annotated[str | None, typer.Option(
+             "--api-key", help="With tsms: the terminal's API key from head office; - reads it from standard "
+                               "input.")] = None) -> None:
+    """Initialise this device with KRA once (selectInitOsdcInfo) and store its key in the keyring;
+    or, with `tsms`, store the head-office terminal's API key there.
+
+    Example: etims-agent init --config /etc/etims-agent/agent.toml
+    Example: echo "$KEY" | etims-agent init tsms --api-key - --config /etc/etims-agent/agent.toml
+    """
     with _errors():
         cfg = _load(config)
         configure(cfg.log.level, cfg.log.format)
+        if what == "tsms":
+            if api_key is None:
+                raise ConfigError("--api-key", "is required with tsms", "give the key, or - to read it from stdin")
+            key = sys.stdin.readline().strip() if api_key == "-" else api_key
+            typer.echo(store_tsms_key(cfg, Secret(key)))
+            return
+        if what != "kra":
+            raise ConfigError("init", f"{what!r} is not something to initialise", "use kra or tsms")
         if cmc_key == "-":
             cmc_key = sys.stdin.readline().strip()
         typer.echo(init_device(cfg, cmc_key=Secret(cmc_key) if cmc_key else None, scu_id=scu_id, mrc_no=mrc_no))
@@ -165,6 +183,28 @@ def simulate_kra(
                           devices=(SimDevice(tin=tin, bhf_id=branch_id, serial=serial),))
     serve_forever(cfg, host, port, control_port,
                   on_ready=lambda api, control: typer.echo(f"KRA simulator: {api} (control {control})", err=True))
+
+
+@simulate_app.command("tsms")
+def simulate_tsms(
+        port: Annotated[int, typer.Option(help="Port of the TSMS API (faults apply here).")] = 8098,
+        control_port: Annotated[int, typer.Option(help="Port of the control API (/_sim/...).")] = 8097,
+        host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+        serial: Annotated[str, typer.Option(help="Serial number of the simulated terminal.")] =
+        TSMS_SIMULATOR_TERMINAL[0],
+        api_key: Annotated[str, typer.Option(help="Its API key.")] = TSMS_SIMULATOR_TERMINAL[1],
+        tenant_id: Annotated[int, typer.Option(help="Its tenant id.")] = TSMS_SIMULATOR_TERMINAL[2],
+        terminal_id: Annotated[int, typer.Option(help="Its terminal id.")] = TSMS_SIMULATOR_TERMINAL[3],
+        rate_limit: Annotated[int, typer.Option(help="Submissions per terminal per 60 s (the server's 50).")] = 50
+) -> None:
+    """Serve the head-office TSMS simulator (/api/v1/...) until stopped."""
+    from agent.sync.simulator import SimTerminal, TsmsSimulatorConfig, serve_forever
+
+    configure()
+    cfg = TsmsSimulatorConfig(terminals=(SimTerminal(serial_number=serial, api_key=api_key, tenant_id=tenant_id,
+                                                     terminal_id=terminal_id),), rate_limit=rate_limit)
+    serve_forever(cfg, host, port, control_port,
+                  on_ready=lambda api, control: typer.echo(f"TSMS simulator: {api} (control {control})", err=True))
 
 
 @app.command()

@@ -26,6 +26,7 @@ CONFIG_ENV = "ETIMS_AGENT_CONFIG"
 DATA_DIR_ENV = "ETIMS_AGENT_DATA_DIR"
 TILL_TOKEN_ENV = "ETIMS_AGENT_TILL_TOKEN"
 CMC_KEY_ENV = "ETIMS_AGENT_KRA_CMC_KEY"
+TSMS_API_KEY_ENV = "ETIMS_AGENT_TSMS_API_KEY"
 
 T = TypeVar("T")
 
@@ -83,6 +84,29 @@ class KraSettings:
         return self.base_url or KRA_URLS.get(self.environment, "")
 
 
+TSMS_SIMULATOR_TERMINAL = ("TSMS-SIM-0001", "sim-api-key-0001", 1, 7, "C-T1001")  # the built-in simulator's
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TsmsSettings:
+    environment: str = "simulator"  # simulator (built in, started with the agent), server, off
+    base_url: str = ""  # the head office's TSMS server, e.g. https://tsms.example.com
+    protocol: str = "v2.1"  # checksum version: v2.1 (current server), v2.0, legacy (older shape too)
+    hardware_id: str = TSMS_SIMULATOR_TERMINAL[0]  # the terminal serial registered at head office
+    tenant_id: int = TSMS_SIMULATOR_TERMINAL[2]
+    terminal_id: int = TSMS_SIMULATOR_TERMINAL[3]
+    customer_code: str = TSMS_SIMULATOR_TERMINAL[4]
+    api_key: Secret | None = None  # development only; `etims-agent init tsms` stores it in the keyring
+    batch_size: int = 50
+    max_body_bytes: int = 2 * 1024 * 1024
+    sync_interval_s: float = 10.0
+    heartbeat_interval_s: float = 300.0
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 30.0
+    backoff_base_s: float = 2.0
+    backoff_max_s: float = 600.0
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class SecretSettings:
     backend: str = "auto"  # auto: the platform keyring if there is one, else our encrypted file
@@ -102,6 +126,7 @@ class Config:
     tax: TaxSettings = field(default_factory=TaxSettings)
     log: LogSettings = field(default_factory=LogSettings)
     kra: KraSettings = field(default_factory=KraSettings)
+    tsms: TsmsSettings = field(default_factory=TsmsSettings)
     secrets: SecretSettings = field(default_factory=SecretSettings)
     source: str = "built-in defaults"
     secrets_in_file: tuple[str, ...] = ()
@@ -151,6 +176,7 @@ def parse_config(
     tax_t = root.table("tax")
     log_t = root.table("log")
     kra_t = root.table("kra")
+    tsms_t = root.table("tsms")
     secrets_t = root.table("secrets")
     root.done()
 
@@ -186,6 +212,9 @@ def parse_config(
     kra = _kra(kra_t)
     if kra.cmc_key is not None:
         in_file.append("kra.cmc_key")
+    tsms = _tsms(tsms_t)
+    if tsms.api_key is not None:
+        in_file.append("tsms.api_key")
     secrets = SecretSettings(backend=secrets_t.take("backend", _choice("auto", "keyring", "file"), "auto"))
     secrets_t.done()
 
@@ -199,6 +228,9 @@ def parse_config(
     if env.get(CMC_KEY_ENV):
         kra = replace(kra, cmc_key=_secret(env[CMC_KEY_ENV], CMC_KEY_ENV))
         in_file = [k for k in in_file if k != "kra.cmc_key"]
+    if env.get(TSMS_API_KEY_ENV):
+        tsms = replace(tsms, api_key=_secret(env[TSMS_API_KEY_ENV], TSMS_API_KEY_ENV))
+        in_file = [k for k in in_file if k != "tsms.api_key"]
 
     return Config(
         data_dir=data_dir,
@@ -207,6 +239,7 @@ def parse_config(
         tax=TaxSettings(default_rates=rates),
         log=log,
         kra=kra,
+        tsms=tsms,
         secrets=secrets,
         source=source,
         secrets_in_file=tuple(in_file),
@@ -241,6 +274,40 @@ def _kra(t: _Table) -> KraSettings:
                 raise ConfigError(t.key(key), f"is required when kra.environment is {env!r}",
                                   f"set it to {what}", source=t.source)
     return kra
+
+
+def _tsms(t: _Table) -> TsmsSettings:
+    env = t.take("environment", _choice("simulator", "server", "off"), "simulator")
+    sim = env == "simulator"
+    tsms = TsmsSettings(
+        environment=env,
+        base_url=t.take("base_url", _url(require_https=not sim), ""),
+        protocol=t.take("protocol", _choice("v2.1", "v2.0", "legacy"), "v2.1"),
+        hardware_id=t.take("hardware_id", _bounded_str(255), TSMS_SIMULATOR_TERMINAL[0] if sim else ""),
+        tenant_id=t.take("tenant_id", _int(1, 2**31), TSMS_SIMULATOR_TERMINAL[2] if sim else 0),
+        terminal_id=t.take("terminal_id", _int(1, 2**31), TSMS_SIMULATOR_TERMINAL[3] if sim else 0),
+        customer_code=t.take("customer_code", _bounded_str(255), TSMS_SIMULATOR_TERMINAL[4] if sim else ""),
+        api_key=t.take("api_key", _secret, None),
+        batch_size=t.take("batch_size", _int(1, 500), 50),
+        max_body_bytes=t.take("max_body_bytes", _int(64 * 1024, 2 * 1024 * 1024), 2 * 1024 * 1024),
+        sync_interval_s=t.take("sync_interval_s", _seconds(0.05, 3600), 10.0),
+        heartbeat_interval_s=t.take("heartbeat_interval_s", _seconds(1, 86400), 300.0),
+        connect_timeout_s=t.take("connect_timeout_s", _seconds(0.1, 120), 5.0),
+        read_timeout_s=t.take("read_timeout_s", _seconds(0.1, 600), 30.0),
+        backoff_base_s=t.take("backoff_base_s", _seconds(0.01, 3600), 2.0),
+        backoff_max_s=t.take("backoff_max_s", _seconds(0.01, 86400), 600.0),
+    )
+    t.done()
+    if env == "server":
+        for key, value, what in (("base_url", tsms.base_url, "the head office's TSMS address (https://...)"),
+                                 ("hardware_id", tsms.hardware_id, "the terminal serial registered at head office"),
+                                 ("customer_code", tsms.customer_code, "the tenant's customer code at head office"),
+                                 ("tenant_id", tsms.tenant_id, "the tenant id at head office"),
+                                 ("terminal_id", tsms.terminal_id, "the terminal id at head office")):
+            if not value:
+                raise ConfigError(t.key(key), "is required when tsms.environment is 'server'", f"set it to {what}",
+                                  source=t.source)
+    return tsms
 
 
 def _replace_token(http: HttpSettings, token: Secret) -> HttpSettings:

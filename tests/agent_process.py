@@ -25,21 +25,23 @@ STOP_TIMEOUT_S = 30.0
 
 
 def write_config(folder: Path, *, data_dir: str = "data", name: str = "agent.toml",
-                 http_extra: str = "", kra_url: str = "", sign_budget_s: float = 3.0) -> Path:
+                 http_extra: str = "", kra_url: str = "", tsms_url: str = "", sign_budget_s: float = 3.0) -> Path:
     """A config on an ephemeral loopback port, logfmt at info (the listening line is parsed).
 
-    With `kra_url` the agent signs with that simulator (initialise it with `etims-agent init`) and
-    keeps its key in the file-backed secret store, as on a headless box; without it the agent
-    starts its own simulator in-process.
+    With `kra_url` the agent signs with that simulator (initialise it with `etims-agent init`), with
+    `tsms_url` it syncs to that one (store its key with `etims-agent init tsms`), keeping keys in the
+    file-backed secret store as on a headless box; without them it starts its own simulators.
     """
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
-    kra = (f'base_url = "{kra_url}"\nbackoff_base_s = 0.05\nbackoff_max_s = 0.5\n'
-           '[secrets]\nbackend = "file"\n') if kra_url else ""
+    kra = f'base_url = "{kra_url}"\nbackoff_base_s = 0.05\nbackoff_max_s = 0.5\n' if kra_url else ""
+    tsms = (f'[tsms]\nbase_url = "{tsms_url}"\nsync_interval_s = 0.2\nbackoff_base_s = 0.05\n'
+            'backoff_max_s = 0.5\n') if tsms_url else ""
+    secrets = '[secrets]\nbackend = "file"\n' if kra_url or tsms_url else ""
     path.write_text(
         f'data_dir = "{data_dir}"\n'
         '[http]\nhost = "127.0.0.1"\nport = 0\n' + http_extra
-        + f'[kra]\nsign_budget_s = {sign_budget_s}\n' + kra
+        + f'[kra]\nsign_budget_s = {sign_budget_s}\n' + kra + tsms + secrets
         + '[log]\nlevel = "info"\nformat = "logfmt"\n',
         encoding="utf-8",
     )
@@ -129,23 +131,22 @@ class AgentProcess:
             self.proc.wait(timeout=STOP_TIMEOUT_S)
 
 
-class KraSimulatorProcess:
-    """`python -m agent simulate kra` on ephemeral ports: its state outlives the agents under test."""
+class SimulatorProcess:
+    """`python -m agent simulate kra|tsms` on ephemeral ports: its state outlives the agents under test."""
 
-    READY = re.compile(r"KRA simulator: (\S+) \(control (\S+)\)")
-
-    def __init__(self, folder: Path, *extra: str) -> None:
-        self.log_path = folder / "kra-simulator.log"
+    def __init__(self, folder: Path, kind: str, *extra: str) -> None:
+        ready = re.compile(rf"{kind.upper()} simulator: (\S+) \(control (\S+)\)")
+        self.log_path = folder / f"{kind}-simulator.log"
         folder.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                agent_command("simulate", "kra", "--port", "0", "--control-port", "0", *extra),
+                agent_command("simulate", kind, "--port", "0", "--control-port", "0", *extra),
                 env=agent_env(), cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + START_TIMEOUT_S
-        while not (match := self.READY.search(self.log_path.read_text(errors="replace"))):
+        while not (match := ready.search(self.log_path.read_text(errors="replace"))):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.close()
-                raise RuntimeError(f"KRA simulator did not start:\n{self.log_path.read_text(errors='replace')}")
+                raise RuntimeError(f"{kind} simulator did not start:\n{self.log_path.read_text(errors='replace')}")
             time.sleep(0.02)
         self.api_url, self.control_url = match.group(1), match.group(2)
 
@@ -162,10 +163,11 @@ class KraSimulatorProcess:
 class Agents:
     """Starts agents on one config, numbering their logs, and kills the survivors on close."""
 
-    def __init__(self, folder: Path, *, data_dir: str = "data", kra_url: str = "",
+    def __init__(self, folder: Path, *, data_dir: str = "data", kra_url: str = "", tsms_url: str = "",
                  sign_budget_s: float = 3.0) -> None:
         self.folder = folder
-        self.config = write_config(folder, data_dir=data_dir, kra_url=kra_url, sign_budget_s=sign_budget_s)
+        self.config = write_config(folder, data_dir=data_dir, kra_url=kra_url, tsms_url=tsms_url,
+                                   sign_budget_s=sign_budget_s)
         self.data_dir = folder / data_dir
         self.outbox = self.data_dir / "outbox.sqlite3"
         self.started: list[AgentProcess] = []

@@ -35,20 +35,25 @@ def init_key(sim: Simulator) -> tuple[Secret, str]:
     return asyncio.run(go())
 
 
-def agent_client(db_path: Path, sim: Simulator, key: Secret, sdc_id: str, *, budget: float = 2.0,
-                 read_timeout: float = 2.0) -> tuple[TestClient, Outbox]:
-    """A till API whose KRA lane talks to `sim`; use as a context manager to run the lane."""
-    outbox = Outbox.open(db_path)
+def kra_lane(outbox: Outbox, sim: Simulator, key: Secret, sdc_id: str, *, read_timeout: float = 2.0) -> KraLane:
+    """The KRA lane of an agent on `outbox`, talking to `sim` (its client closes with the lane's app)."""
     store = KraStore(outbox)
     if store.device() is None:
         store.save_device(tin=TIN, bhf_id=BHF, serial=SERIAL, sdc_id=sdc_id, mrc_no=None, info={},
                           now=system_clock())
     client = KraClient(sim.api_url, tin=TIN, bhf_id=BHF, cmc_key=key, connect_timeout=1.0,
                        read_timeout=read_timeout)
-    lane = KraLane(store, client, PayloadSeller(TIN, BHF), system_clock,
+    return KraLane(store, client, PayloadSeller(TIN, BHF), system_clock,
                    LaneSettings(backoff_base_s=0.05, backoff_max_s=0.4))
+
+
+def agent_client(db_path: Path, sim: Simulator, key: Secret, sdc_id: str, *, budget: float = 2.0,
+                 read_timeout: float = 2.0) -> tuple[TestClient, Outbox]:
+    """A till API whose KRA lane talks to `sim`; use as a context manager to run the lane."""
+    outbox = Outbox.open(db_path)
+    lane = kra_lane(outbox, sim, key, sdc_id, read_timeout=read_timeout)
     ctx = ApiContext(outbox=outbox, rules=RULES, clock=system_clock, max_body_bytes=1_048_576,
                      started_at=system_clock(), signer=lane, sign_budget_s=budget,
                      seller=Seller(tin=TIN, bhf_id=BHF, sdc_id=sdc_id, environment="sandbox"),
-                     on_shutdown=(client.aclose,))
+                     on_shutdown=(lane.close,))
     return TestClient(create_app(ctx)), outbox

@@ -1,4 +1,5 @@
-"""No sale acknowledged to a till is ever lost, stored twice or signed twice: real agents, kill -9.
+"""No sale acknowledged to a till is ever lost, stored twice, signed twice or sent to head office
+twice: real agents, kill -9.
 
 Several tills post as fast as they can to a real agent process, which is killed with SIGKILL at a
 random moment and restarted on the same data directory, round after round, while its KRA lane
@@ -7,7 +8,9 @@ is made to lose answers, stall and fail between rounds. Every sale that got a 2x
 be stored exactly once with the receipt number the till printed; a sale cut off by the kill may or
 may not be stored, and posting it again must say which (200 stored, 201 new) and never store it
 twice. At the end every sale must be signed by KRA exactly once, under invoice numbers 1..N with no
-gap, and hold the signature KRA holds. The random choices are seeded: set CRASH_SEED to replay.
+gap, and hold the signature KRA holds; and the TSMS simulator (faulted each round as well) must
+hold every sale exactly once, without ever having answered 409. The random choices are seeded: set
+CRASH_SEED to replay.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any
 
 import httpx
 import pytest
-from agent_process import AgentProcess, Agents, KraSimulatorProcess, run_cli
+from agent_process import AgentProcess, Agents, SimulatorProcess, run_cli
 from conftest import make_sale
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -53,6 +56,17 @@ KRA_FAULTS: tuple[dict[str, Any], ...] = (
     {"http_status": {"status": 503, "count": 5}},
     {"outage": True},
 )
+# What head office does during a round.
+TSMS_FAULTS: tuple[dict[str, Any], ...] = (
+    {},
+    {"lose_response": {"count": 2}},
+    {"unavailable": {"count": 3, "retry_after": 1}},
+    {"http_status": {"status": 500, "count": 3}},
+    {"revoke_tokens": True},
+    {"outage": True},
+    {"latency_ms": 30},
+)
+TSMS_API_KEY = "sim-api-key-0001"  # the simulator's default terminal
 
 
 def seed() -> int:
@@ -62,8 +76,17 @@ def seed() -> int:
 
 
 @pytest.fixture(name="kra")
-def _kra(tmp_path: Path) -> Iterator[KraSimulatorProcess]:
-    sim = KraSimulatorProcess(tmp_path)
+def _kra(tmp_path: Path) -> Iterator[SimulatorProcess]:
+    sim = SimulatorProcess(tmp_path, "kra")
+    try:
+        yield sim
+    finally:
+        sim.close()
+
+
+@pytest.fixture(name="tsms")
+def _tsms(tmp_path: Path) -> Iterator[SimulatorProcess]:
+    sim = SimulatorProcess(tmp_path, "tsms")
     try:
         yield sim
     finally:
@@ -71,16 +94,17 @@ def _kra(tmp_path: Path) -> Iterator[KraSimulatorProcess]:
 
 
 @pytest.fixture(name="agents")
-def _agents(tmp_path: Path, kra: KraSimulatorProcess) -> Iterator[Agents]:
-    with Agents(tmp_path, kra_url=kra.api_url, sign_budget_s=SIGN_BUDGET_S) as agents:
-        init = run_cli("init", "--config", str(agents.config))
-        assert init.returncode == 0, init.stdout + init.stderr
+def _agents(tmp_path: Path, kra: SimulatorProcess, tsms: SimulatorProcess) -> Iterator[Agents]:
+    with Agents(tmp_path, kra_url=kra.api_url, tsms_url=tsms.api_url, sign_budget_s=SIGN_BUDGET_S) as agents:
+        for command in (["init"], ["init", "tsms", "--api-key", TSMS_API_KEY]):
+            init = run_cli(*command, "--config", str(agents.config))
+            assert init.returncode == 0, init.stdout + init.stderr
         yield agents  # kills any agent a failing test left running
 
 
-def set_kra_faults(kra: KraSimulatorProcess, faults: dict[str, Any]) -> None:
-    cleared = {name: None for fault in KRA_FAULTS for name in fault}
-    response = httpx.post(f"{kra.control_url}/_sim/faults", json={**cleared, **faults}, timeout=10)
+def set_faults(sim: SimulatorProcess, faults: dict[str, Any], every: tuple[dict[str, Any], ...]) -> None:
+    cleared = {name: None for fault in every for name in fault}
+    response = httpx.post(f"{sim.control_url}/_sim/faults", json={**cleared, **faults}, timeout=10)
     assert response.status_code == 200, response.text
 
 
@@ -276,7 +300,7 @@ def signing_state(outbox: Path) -> dict[Key, tuple[str, int | None, str | None]]
     return {(t, s): (state, no, sign) for t, s, state, no, sign in rows}
 
 
-def check_kra(kra: KraSimulatorProcess, outbox: Path) -> int:
+def check_kra(kra: SimulatorProcess, outbox: Path) -> int:
     """Once drained: every sale signed once by KRA, numbers 1..N, and the agent holds KRA's signature."""
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
     while True:
@@ -297,7 +321,30 @@ def check_kra(kra: KraSimulatorProcess, outbox: Path) -> int:
     return len(at_kra)
 
 
-def test_kill_9_loses_no_acknowledged_sale_and_stores_none_twice(agents: Agents, kra: KraSimulatorProcess) -> None:
+def check_tsms(tsms: SimulatorProcess, outbox: Path) -> int:
+    """Once synced: head office holds every sale exactly once, and never answered 409."""
+    deadline = time.monotonic() + DRAIN_TIMEOUT_S
+    while True:
+        conn = sqlite3.connect(f"file:{outbox}?mode=ro", uri=True, timeout=10)
+        try:
+            rows = conn.execute("SELECT tsms_id, tsms_state FROM sales").fetchall()
+        finally:
+            conn.close()
+        if all(state == "synced" for _, state in rows):
+            break
+        assert time.monotonic() < deadline, f"not synced: {[r for r in rows if r[1] != 'synced'][:5]}"
+        time.sleep(0.2)
+    state = httpx.get(f"{tsms.control_url}/_sim/state", timeout=30).json()
+    assert state["conflicts"] == [], f"409 answered: {state['conflicts'][:3]}"
+    assert state["duplicates"] == [], f"sent twice: {state['duplicates'][:3]}"
+    assert set(state["transactions"]) == {tsms_id for tsms_id, _ in rows}
+    twice = {k: v["times_received"] for k, v in state["transactions"].items() if v["times_received"] != 1}
+    assert not twice, f"held more than once: {twice}"
+    return len(rows)
+
+
+def test_kill_9_loses_no_acknowledged_sale_and_stores_none_twice(agents: Agents, kra: SimulatorProcess,
+                                                                 tsms: SimulatorProcess) -> None:
     """Across rounds of kill -9 under load and KRA faults, every acknowledged sale survives exactly once
     and is signed exactly once."""
     rng = random.Random(seed())
@@ -305,8 +352,9 @@ def test_kill_9_loses_no_acknowledged_sale_and_stores_none_twice(agents: Agents,
     agent = agents.start()
     retries: dict[Key, int] = {}
     for round_no in range(ROUNDS):
-        faults = rng.choice(KRA_FAULTS)
-        set_kra_faults(kra, faults)
+        faults, tsms_faults = rng.choice(KRA_FAULTS), rng.choice(TSMS_FAULTS)
+        set_faults(kra, faults, KRA_FAULTS)
+        set_faults(tsms, tsms_faults, TSMS_FAULTS)
         load = Load(agent, ledger, round_no, rng, retries)
         delay = rng.uniform(*KILL_AFTER_S)
         time.sleep(delay)
@@ -315,9 +363,10 @@ def test_kill_9_loses_no_acknowledged_sale_and_stores_none_twice(agents: Agents,
         load.finish()
         # A round may end before any answer (a kill within the signing budget while KRA stalls);
         # the tills then repost in the next round, which is part of what is tested.
-        context = f"round {round_no} (KRA faults {faults}), killed after {delay:.2f} s"
+        context = f"round {round_no} (KRA {faults}, TSMS {tsms_faults}), killed after {delay:.2f} s"
 
-        set_kra_faults(kra, {})
+        set_faults(kra, {}, KRA_FAULTS)
+        set_faults(tsms, {}, TSMS_FAULTS)
         agent = agents.start()
         rows = check_outbox(agents.outbox, ledger, context)
         check_api(agent.url, ledger, context)
@@ -337,6 +386,8 @@ def test_kill_9_loses_no_acknowledged_sale_and_stores_none_twice(agents: Agents,
     signed = check_kra(kra, agents.outbox)
     print(f"signed by KRA: {signed}, each once, invoice numbers 1..{signed} "
           f"(drained in {time.monotonic() - started:.1f} s)")
+    held = check_tsms(tsms, agents.outbox)
+    print(f"at head office: {held}, each once, no 409")
 
     assert agent.terminate() == 0, agent.log()
     verify = run_cli("verify", "--config", str(agents.config))

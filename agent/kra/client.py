@@ -15,8 +15,8 @@ from typing import Any
 
 import httpx
 
+from agent.jsonwire import wire_json
 from agent.kra.codes import Outcome, classify
-from agent.kra.payloads import wire_json
 from agent.secret import Secret
 
 

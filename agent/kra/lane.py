@@ -19,9 +19,10 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from agent.clock import Clock
+from agent.jsonwire import wire_json
 from agent.kra.client import KraClient, KraReply
 from agent.kra.codes import Outcome, describe, expected_invoice_number
-from agent.kra.payloads import CreditNoteRef, Seller, item_request, sale_request, wire_json
+from agent.kra.payloads import CreditNoteRef, Seller, item_request, sale_request
 from agent.logs import get_logger
 from agent.signing import KraWork, backoff
 
@@ -79,6 +80,10 @@ class KraLane:
         self.last_error: str | None = None
 
     # --- what the intake uses ---------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Close the lane's connection to KRA (when the agent stops)."""
+        await self._client.aclose()
 
     def notify(self) -> None:
         """A new sale is in the outbox: wake the lane now instead of at its next timer."""

@@ -7,8 +7,6 @@ fifteen per-band fields are always sent; dates are Nairobi local time.
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -149,20 +147,3 @@ def item_request(line: Mapping[str, Any], seller: Seller, *, origin_country: str
 
 def _drop_none(body: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in body.items() if v is not None}
-
-
-_NUMBER = re.compile(r'"\\u0000(-?[0-9]+(?:\.[0-9]+)?)\\u0000"')
-
-
-def wire_json(body: Mapping[str, Any]) -> str:
-    """JSON with Decimals written as exact JSON numbers (never through float).
-
-    Each Decimal goes out as a marked string and the marks are then stripped. The mark is a NUL,
-    which no accepted sale can contain (control characters are refused at intake).
-    """
-    def mark(value: object) -> str:
-        if isinstance(value, Decimal):
-            return f"\0{value:f}\0"
-        raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-    return _NUMBER.sub(r"\1", json.dumps(body, default=mark, separators=(",", ":"), ensure_ascii=False))

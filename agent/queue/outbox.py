@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -46,6 +46,8 @@ class NewSale:
     kind: str = "sale"  # or "credit_note"
     original_id: int | None = None  # a credit note's original sale (its outbox id)
     refund_reason: str | None = None  # a credit note's reason, KRA code class 32
+    # Builds the head-office transaction once the receipt number is known: (transaction id, JSON).
+    head_office: Callable[[int], tuple[str, str]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +236,9 @@ class Outbox:
                     raise SaleConflict(new.till_id, new.sale_id)
                 return Accepted(record, created=False)
             sale_ref, receipt_no = inserted
+            if new.head_office is not None:
+                conn.execute("UPDATE sales SET tsms_id = ?, tsms_transaction = ? WHERE id = ?",
+                             (*new.head_office(receipt_no), sale_ref))
             detail: dict[str, Any] = {
                 "till_id": new.till_id, "sale_id": new.sale_id, "content_hash": new.content_hash,
                 "receipt_no": receipt_no, "total": str(new.total),

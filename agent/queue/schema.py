@@ -14,6 +14,9 @@ def _in(values: tuple[str, ...]) -> str:
     return ", ".join(f"'{v}'" for v in values)
 
 
+TSMS_PENDING = "tsms_state = 'pending'"  # verbatim the predicate of the partial index sales_tsms_pending
+
+
 def kra_pending(table: str = "") -> str:
     """The KRA backlog's predicate, written exactly as the partial index `sales_kra_pending` has it:
     SQLite uses a partial index only for a query that repeats its WHERE term."""
@@ -136,5 +139,30 @@ def m003_lane_indexes(db: Database) -> None:
             prints INTEGER NOT NULL,
             first_at TEXT NOT NULL,
             PRIMARY KEY (sale_ref, kind)
+        ) STRICT
+    """)
+
+
+@migrations()
+def m004_tsms_lane(db: Database) -> None:
+    # The head-office transaction, built once at acceptance so every resend is identical.
+    db.execute("ALTER TABLE sales ADD COLUMN tsms_transaction TEXT")
+    db.execute("ALTER TABLE sales ADD COLUMN tsms_id TEXT")
+    db.execute("CREATE UNIQUE INDEX sales_tsms_id ON sales (tsms_id) WHERE tsms_id IS NOT NULL")
+    db.execute("CREATE INDEX sales_tsms_pending ON sales (id) WHERE tsms_state = 'pending'")
+    db.execute("CREATE INDEX sales_tsms_submission ON sales (tsms_submission) WHERE tsms_submission IS NOT NULL")
+    # A submission's exact body is stored before its first send; a resend sends these bytes again,
+    # so the server answers a replay, never a conflict.
+    db.execute("""
+        CREATE TABLE tsms_submissions (
+            uuid TEXT PRIMARY KEY,
+            body TEXT NOT NULL,
+            sales INTEGER NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('pending', 'accepted', 'rejected', 'split')),
+            attempts INTEGER NOT NULL DEFAULT 0,
+            last_status INTEGER,
+            last_error TEXT,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL
         ) STRICT
     """)

@@ -1,0 +1,112 @@
+"""The TSMS lane's side of the outbox: submissions stored before they are sent, and their outcome.
+
+A submission's exact body is written, and its sales marked `batched`, in one transaction before the
+first send; until the server has answered it for good, the lane sends those same bytes again.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from agent.queue.outbox import Outbox, timestamp
+from agent.queue.schema import TSMS_PENDING
+
+
+@dataclass(frozen=True, slots=True)
+class Unsynced:
+    id: int
+    receipt_no: int
+    sale: dict[str, Any]
+    amounts: dict[str, Any]
+    transaction: str | None  # built at acceptance; None for a sale accepted while TSMS was off
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    uuid: str
+    body: bytes
+    sales: int
+    attempts: int
+
+
+class TsmsStore:
+    def __init__(self, outbox: Outbox) -> None:
+        self._box = outbox
+
+    def open_submission(self) -> Submission | None:
+        """The oldest submission not yet answered for good: it goes again, byte for byte."""
+        with self._box._read() as conn:
+            row = conn.execute("SELECT uuid, body, sales, attempts FROM tsms_submissions WHERE state = 'pending' "
+                               "ORDER BY created_at, uuid LIMIT 1").fetchone()
+        return None if row is None else Submission(row[0], row[1].encode(), row[2], row[3])
+
+    def unsynced(self, limit: int) -> list[Unsynced]:
+        """The oldest sales not yet in a submission (credit notes travel as voids, not here)."""
+        with self._box._read() as conn:
+            rows = conn.execute(
+                f"SELECT id, receipt_no, sale, amounts, tsms_transaction FROM sales WHERE {TSMS_PENDING} "
+                "AND kind = 'sale' ORDER BY id LIMIT ?", (limit,)).fetchall()
+        return [Unsynced(r[0], r[1], json.loads(r[2]), json.loads(r[3]), r[4]) for r in rows]
+
+    def backlog(self) -> int:
+        with self._box._read() as conn:
+            count: int = conn.execute(f"SELECT count(*) FROM sales WHERE {TSMS_PENDING} AND kind = 'sale'"
+                                      ).fetchone()[0]
+        return count
+
+    def create_submission(self, uuid: str, body: str, sale_refs: list[int],
+                          built: dict[int, tuple[str, str]], now: datetime) -> None:
+        """Store a submission and tie its sales to it; `built`: transactions made just now (id -> tsms id, JSON)."""
+        at = timestamp(now)
+        with self._box._write() as conn:
+            for sale_ref, (tsms_id, transaction) in built.items():
+                conn.execute("UPDATE sales SET tsms_id = ?, tsms_transaction = ? WHERE id = ? AND tsms_id IS NULL",
+                             (tsms_id, transaction, sale_ref))
+            conn.execute("INSERT INTO tsms_submissions (uuid, body, sales, state, created_at, updated_at) "
+                         "VALUES (?, ?, ?, 'pending', ?, ?)", (uuid, body, len(sale_refs), at, at))
+            conn.executemany("UPDATE sales SET tsms_state = 'batched', tsms_submission = ? WHERE id = ?",
+                             [(uuid, ref) for ref in sale_refs])
+
+    def attempted(self, uuid: str, status: int, error: str | None, now: datetime) -> None:
+        with self._box._write() as conn:
+            conn.execute("UPDATE tsms_submissions SET attempts = attempts + 1, last_status = ?, last_error = ?, "
+                         "updated_at = ? WHERE uuid = ?", (status, error, timestamp(now), uuid))
+
+    def accepted(self, uuid: str, status: int, now: datetime) -> int:
+        """The server holds the submission (new or replay): its sales are synced, and journalled so."""
+        at = timestamp(now)
+        with self._box._write() as conn:
+            conn.execute("UPDATE tsms_submissions SET state = 'accepted', attempts = attempts + 1, last_status = ?, "
+                         "last_error = NULL, updated_at = ? WHERE uuid = ?", (status, at, uuid))
+            count = conn.execute("UPDATE sales SET tsms_state = 'synced', tsms_synced_at = ? "
+                                 "WHERE tsms_submission = ? AND tsms_state = 'batched'", (at, uuid)).rowcount
+            self._box._journal(conn, at, "tsms_synced", None, {"submission_uuid": uuid, "sales": count})
+        return count
+
+    def rejected(self, uuid: str, status: int, error: str, now: datetime) -> None:
+        """The server refused this content for good: its sales are set aside with the server's words."""
+        at = timestamp(now)
+        with self._box._write() as conn:
+            conn.execute("UPDATE tsms_submissions SET state = 'rejected', attempts = attempts + 1, last_status = ?, "
+                         "last_error = ?, updated_at = ? WHERE uuid = ?", (status, error, at, uuid))
+            conn.execute("UPDATE sales SET tsms_state = 'rejected' WHERE tsms_submission = ?", (uuid,))
+            self._box._journal(conn, at, "tsms_rejected", None, {"submission_uuid": uuid, "status": status,
+                                                                  "error": error[:500]})
+
+    def split(self, uuid: str, status: int, error: str, now: datetime) -> None:
+        """The server never took this submission (too large, or one bad sale in it): its sales go back
+        to the queue and travel again in smaller submissions with new uuids."""
+        at = timestamp(now)
+        with self._box._write() as conn:
+            conn.execute("UPDATE tsms_submissions SET state = 'split', attempts = attempts + 1, last_status = ?, "
+                         "last_error = ?, updated_at = ? WHERE uuid = ?", (status, error, at, uuid))
+            conn.execute("UPDATE sales SET tsms_state = 'pending', tsms_submission = NULL "
+                         "WHERE tsms_submission = ? AND tsms_state = 'batched'", (uuid,))
+
+    def submission_state(self, uuid: str) -> str | None:
+        with self._box._read() as conn:
+            row = conn.execute("SELECT state FROM tsms_submissions WHERE uuid = ?", (uuid,)).fetchone()
+        return None if row is None else str(row[0])

@@ -1,0 +1,265 @@
+"""The TSMS sync lane: every sale to head office exactly once, in batches, never waiting on KRA.
+
+One submission in flight. Its exact body is stored before the first send and sent byte for byte
+until the server answers it for good, so a resend after a timeout, a crash or a 429 is a replay
+(202), never a conflict (tsms-api.md §3.1 notes). What the answers do:
+
+* 202/200: the sales are synced. 401: authenticate again once, then resend the same bytes.
+* 413 or BATCH_LIMIT_EXCEEDED: the server never took it; its sales go back and travel in halves.
+* 422 on a batch: one bad sale spoils it; halves again, until the bad sale is alone; a single
+  sale's 422 sets it aside (`rejected`) with the server's messages (an integrity failure shows the
+  hash the server computed).
+* 429/503: wait for Retry-After. Network errors and other 5xx: exponential backoff with jitter;
+  after `BREAKER_FAILURES` in a row the lane says the server is down once and probes at the
+  backoff ceiling instead of hammering it.
+* 403 (HARDWARE_ID_MISMATCH, missing ability): a configuration error, shown in status.
+* 409: must never happen (the body never changes under a uuid); reported loudly, the sales set aside.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import uuid as uuids
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any, Protocol
+
+from agent.jsonwire import wire_json
+from agent.logs import get_logger
+from agent.queue.tsms_store import Submission, TsmsStore
+from agent.secret import Secret
+from agent.signing import backoff
+from agent.sync.checksum import sign_submission
+from agent.sync.client import Outcome, TsmsClient, TsmsReply
+from agent.sync.transaction import Terminal, tsms_transaction, utc_z
+
+log = get_logger("agent.sync.lane")
+
+BREAKER_FAILURES = 5
+
+
+class Credentials(Protocol):
+    """Where the terminal's API key and bearer token live (the secret store)."""
+
+    def api_key(self) -> Secret | None: ...
+    def token(self) -> Secret | None: ...
+    def save_token(self, token: Secret | None) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SyncSettings:
+    tenant_id: int
+    terminal_id: int
+    serial_number: str
+    batch_size: int = 50
+    max_body_bytes: int = 2 * 1024 * 1024
+    interval_s: float = 10.0
+    backoff_base_s: float = 2.0
+    backoff_max_s: float = 600.0
+    coalesce_s: float = 2.0  # a trickle of sales makes at most 30 submissions a minute (the server allows 50)
+
+
+def head_office_builder(terminal: Terminal, new_id: Callable[[], str] = lambda: str(uuids.uuid4())
+                        ) -> Callable[[Mapping[str, Any], Mapping[str, Any], int], tuple[str, str]]:
+    """For the intake: builds a sale's transaction (with a fresh UUID v4) once its receipt number is known."""
+    def build(sale: Mapping[str, Any], amounts: Mapping[str, Any], receipt_no: int) -> tuple[str, str]:
+        transaction_id = new_id()
+        return transaction_id, wire_json(tsms_transaction(sale, amounts, receipt_no, transaction_id, terminal))
+    return build
+
+
+class TsmsLane:
+    def __init__(self, store: TsmsStore, client: TsmsClient, credentials: Credentials, terminal: Terminal,
+                 settings: SyncSettings, clock: Callable[[], datetime], rand: random.Random | None = None) -> None:
+        self._store, self._client, self._credentials = store, client, credentials
+        self._terminal, self._settings, self._clock = terminal, settings, clock
+        self._rand = rand or random.Random()
+        self._build = head_office_builder(terminal)
+        self._wake = asyncio.Event()
+        self._limit = settings.batch_size  # lowered after a 413/422 on a batch, grows back on success
+        self._failures = 0
+        self.state = "starting"  # online, offline, waiting, config_error
+        self.detail: str | None = None
+        self.last_sync_at: datetime | None = None
+        self.clock_offset_s: float | None = None  # server time minus ours, from heartbeats
+
+    def notify(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                pause = await self.step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug must not stop the lane for good
+                log.exception("tsms_lane_error")
+                pause = 30.0
+            if pause is None:  # idle: until a new sale wakes the lane, or the next sync round
+                await self._sleep(self._settings.interval_s)
+                if self._store.backlog() < self._limit:
+                    # Let a few more sales arrive, so a steady trickle makes batches rather than one
+                    # submission each (the server allows a terminal 50 a minute).
+                    await asyncio.sleep(self._settings.coalesce_s)
+            elif pause > 0:  # Retry-After or backoff: new sales must not cut it short
+                await asyncio.sleep(pause)
+                self._wake.clear()
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        self._wake.clear()
+
+    async def step(self) -> float | None:
+        """Send one submission (stored first if new); returns how long to wait before the next step
+        (0: go on at once; None: nothing to send, wait until woken or the sync interval)."""
+        submission = self._store.open_submission() or self._new_submission()
+        if submission is None:
+            return None
+        token = await self._token()
+        if token is None:
+            return self._pause_for_failure()
+        reply = await self._client.submit(submission.body, token, submission.uuid)
+        if reply.outcome is Outcome.UNAUTHORIZED:  # revoked or expired: one new token, same bytes
+            self._credentials.save_token(None)
+            token = await self._token()
+            if token is None:
+                return self._pause_for_failure()
+            reply = await self._client.submit(submission.body, token, submission.uuid)
+        return self._settle(submission, reply)
+
+    def _new_submission(self) -> Submission | None:
+        rows = self._store.unsynced(self._limit)
+        if not rows:
+            return None
+        built = {r.id: self._build(r.sale, r.amounts, r.receipt_no) for r in rows if r.transaction is None}
+        transactions = [json.loads(built[r.id][1] if r.id in built else str(r.transaction), parse_float=Decimal)
+                        for r in rows]
+        while True:
+            body = self._envelope(transactions)
+            if len(body.encode()) <= self._settings.max_body_bytes or len(transactions) == 1:
+                break
+            transactions = transactions[: len(transactions) // 2]  # keep under the server's 2 MiB
+        ids = [r.id for r in rows[: len(transactions)]]
+        submission_uuid = json.loads(body)["submission_uuid"]
+        self._store.create_submission(submission_uuid, body, ids, {k: v for k, v in built.items() if k in ids},
+                                      self._clock())
+        return Submission(submission_uuid, body.encode(), len(ids), 0)
+
+    def _envelope(self, transactions: list[dict[str, Any]]) -> str:
+        envelope: dict[str, Any] = {
+            "submission_uuid": str(uuids.uuid4()),
+            "tenant_id": self._settings.tenant_id,
+            "terminal_id": self._settings.terminal_id,
+            "submission_timestamp": utc_z(self._clock()),
+            "transaction_count": len(transactions),
+        }
+        if len(transactions) == 1:
+            envelope["transaction"] = transactions[0]
+        else:
+            envelope["transactions"] = transactions
+        return wire_json(sign_submission(envelope, self._terminal.protocol))
+
+    async def _token(self) -> Secret | None:
+        token = self._credentials.token()
+        if token is not None:
+            return token
+        api_key = self._credentials.api_key()
+        if api_key is None:
+            self._set("config_error", "no TSMS API key: run `etims-agent init tsms` (or set tsms.api_key)")
+            return None
+        reply, token = await self._client.authenticate(self._settings.serial_number, api_key)
+        if token is None:
+            if reply.outcome in (Outcome.UNAUTHORIZED, Outcome.REJECTED, Outcome.CONFIG):
+                self._set("config_error", f"TSMS refused the terminal ({reply.status} {reply.message}); check "
+                                          "tsms.hardware_id and the API key (`etims-agent init tsms`)")
+            else:
+                self._set("offline", f"TSMS authentication failed: {reply.message}")
+            return None
+        self._credentials.save_token(token)
+        log.info("tsms_authenticated", serial_number=self._settings.serial_number)
+        return token
+
+    def _settle(self, submission: Submission, reply: TsmsReply) -> float | None:
+        now = self._clock()
+        what = _describe(reply)
+        if reply.outcome is Outcome.ACCEPTED:
+            count = self._store.accepted(submission.uuid, reply.status, now)
+            self._failures = 0
+            self._limit = min(self._settings.batch_size, self._limit * 2)
+            self.last_sync_at = now
+            self._set("online", None)
+            log.debug("tsms_submission_accepted", submission_uuid=submission.uuid, sales=count, status=reply.status)
+            return 0.0
+        if reply.outcome is Outcome.TOO_LARGE or (reply.outcome is Outcome.REJECTED and submission.sales > 1):
+            self._store.split(submission.uuid, reply.status, what, now)
+            self._limit = max(1, submission.sales // 2)
+            log.warning("tsms_submission_split", submission_uuid=submission.uuid, sales=submission.sales,
+                        status=reply.status, reason=what)
+            return 0.0
+        if reply.outcome in (Outcome.REJECTED, Outcome.CONFLICT):
+            self._store.rejected(submission.uuid, reply.status, what, now)
+            log.error("tsms_submission_rejected", submission_uuid=submission.uuid, status=reply.status,
+                      error_code=reply.error_code, reason=what,
+                      **({"detail": "409 must never happen: the stored body never changes"}
+                         if reply.outcome is Outcome.CONFLICT else {}))
+            return 0.0
+        self._store.attempted(submission.uuid, reply.status, what, now)
+        if reply.outcome is Outcome.WAIT:
+            self._set("waiting", what)
+            return reply.retry_after_s
+        if reply.outcome is Outcome.CONFIG:
+            self._set("config_error", what)
+            return self._settings.backoff_max_s
+        return self._pause_for_failure(what)
+
+    def _pause_for_failure(self, what: str | None = None) -> float:
+        self._failures += 1
+        if what is not None and self.state != "config_error":
+            self._set("offline", what)
+        if self._failures == BREAKER_FAILURES:
+            log.warning("tsms_breaker_open", failures=self._failures,
+                        detail=f"probing every {self._settings.backoff_max_s:g} s at most")
+        delay = backoff(self._failures, base_s=self._settings.backoff_base_s, cap_s=self._settings.backoff_max_s,
+                        rand=self._rand)
+        return delay.total_seconds()
+
+    async def heartbeat(self) -> None:
+        """POST /api/v1/heartbeat; its server_time gives the clock offset."""
+        token = self._credentials.token()
+        if token is None:
+            return
+        sent = self._clock()
+        reply = await self._client.heartbeat(token)
+        received = self._clock()
+        server_time = reply.data.get("server_time") if reply.outcome is Outcome.ACCEPTED else None
+        if isinstance(server_time, str):
+            with contextlib.suppress(ValueError):
+                server = datetime.fromisoformat(server_time.replace("Z", "+00:00"))
+                midpoint = sent + (received - sent) / 2
+                self.clock_offset_s = round((server - midpoint) / timedelta(seconds=1), 3)
+
+    def _set(self, state: str, detail: str | None) -> None:
+        if state != self.state:
+            backlog = self._store.backlog()
+            if state == "online":
+                log.info("tsms_online", backlog=backlog)
+            else:
+                log.warning(f"tsms_{state}", backlog=backlog, reason=detail)
+        self.state, self.detail = state, detail
+
+
+def _describe(reply: TsmsReply) -> str:
+    text = f"TSMS {reply.status or 'no answer'}"
+    if reply.error_code:
+        text += f" {reply.error_code}"
+    text += f": {reply.message}"
+    if reply.errors:
+        text += f" {json.dumps(reply.errors, ensure_ascii=False)[:1000]}"
+    return text
+
