@@ -294,6 +294,7 @@ def run(cfg: Config, *, clock: Clock = system_clock,
                 jobs.append(Job("kra-code-lists", codes.refresh, cfg.kra.code_refresh_h * 3600))
             if tsms is not None:
                 jobs.append(Job("tsms-heartbeat", tsms.lane.heartbeat, cfg.tsms.heartbeat_interval_s))
+                jobs.append(Job("tsms-token-rotation", tsms.lane.rotate_token, 24 * 3600, at_start=False))
             rules = intake_rules(cfg)
             if tsms is not None:
                 rules = replace(rules, head_office=head_office_builder(tsms.terminal))

@@ -195,14 +195,16 @@ def simulate_tsms(
         api_key: Annotated[str, typer.Option(help="Its API key.")] = TSMS_SIMULATOR_TERMINAL[1],
         tenant_id: Annotated[int, typer.Option(help="Its tenant id.")] = TSMS_SIMULATOR_TERMINAL[2],
         terminal_id: Annotated[int, typer.Option(help="Its terminal id.")] = TSMS_SIMULATOR_TERMINAL[3],
-        rate_limit: Annotated[int, typer.Option(help="Submissions per terminal per 60 s (the server's 50).")] = 50
+        rate_limit: Annotated[int, typer.Option(help="Submissions per terminal per window (the server's 50).")] = 50,
+        rate_window: Annotated[float, typer.Option(help="The limit's window in seconds (the server's 60).")] = 60.0
 ) -> None:
     """Serve the head-office TSMS simulator (/api/v1/...) until stopped."""
     from agent.sync.simulator import SimTerminal, TsmsSimulatorConfig, serve_forever
 
     configure()
     cfg = TsmsSimulatorConfig(terminals=(SimTerminal(serial_number=serial, api_key=api_key, tenant_id=tenant_id,
-                                                     terminal_id=terminal_id),), rate_limit=rate_limit)
+                                                     terminal_id=terminal_id),),
+                              rate_limit=rate_limit, rate_window_s=rate_window)
     serve_forever(cfg, host, port, control_port,
                   on_ready=lambda api, control: typer.echo(f"TSMS simulator: {api} (control {control})", err=True))
 

@@ -22,19 +22,26 @@ run itself went wrong.
 from __future__ import annotations
 
 import argparse
-import re
-import shutil
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import httpx
-from ingest import ROOT, AgentProcess, machine_facts, make_sales, ms, percentile, print_table, verdict
+from ingest import (
+    ROOT,
+    AgentProcess,
+    SimulatorProcess,
+    in_temp_dir,
+    machine_facts,
+    make_sales,
+    ms,
+    percentile,
+    print_table,
+    verdict,
+)
 
 from agent.app import CMC_KEY
 from agent.keystore import open_secret_store
@@ -43,32 +50,11 @@ TARGET_SHARE = 0.90
 TARGET_LATENCY_MS = 20.0
 TARGET_CONNECTIONS_PER_100 = 1.0
 TARGET_OVERHEAD_P99_MS = 10.0
-READY = re.compile(r"KRA simulator: (\S+) \(control (\S+)\)")
 
 
-class KraSimulator:
-    """`python -m agent simulate kra` on ephemeral ports."""
-
+class KraSimulator(SimulatorProcess):
     def __init__(self, folder: Path) -> None:
-        self.log_path = folder / "kra.log"
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "agent", "simulate", "kra", "--port", "0", "--control-port", "0"],
-                cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while not (match := READY.search(self.log_path.read_text(errors="replace"))):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"the KRA simulator did not start:\n{self.log_path.read_text()}")
-            time.sleep(0.02)
-        self.api_url, self.control_url = match.group(1), match.group(2)
-
-    def faults(self, **faults: Any) -> None:
-        httpx.post(f"{self.control_url}/_sim/faults", json=faults, timeout=10).raise_for_status()
-
-    def state(self) -> dict[str, Any]:
-        body: dict[str, Any] = httpx.get(f"{self.control_url}/_sim/state", timeout=30).json()
-        return body
+        super().__init__(folder, "kra")
 
     def counters(self) -> tuple[int, int]:
         """(TCP connections opened, requests served) so far."""
@@ -86,11 +72,6 @@ class KraSimulator:
                 http.post("/selectInvoiceDetails", json={"invcNo": 1}, headers=headers).raise_for_status()
                 times.append(time.perf_counter() - started)
         return percentile(times, 0.5)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
 
 
 def cmc_key(data_dir: Path) -> str:
@@ -132,11 +113,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    folder = Path(tempfile.mkdtemp(prefix="etims-drain-", dir=args.dir))
-    try:
-        return bench(args, folder)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    return in_temp_dir("etims-drain-", args.dir, lambda folder: bench(args, folder))
 
 
 def bench(args: argparse.Namespace, folder: Path) -> int:

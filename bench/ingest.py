@@ -50,6 +50,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout: measure this tree's agent, not another
 
+import httpx  # noqa: E402
 from sqlite_utils import Database  # noqa: E402
 
 from agent.intake import IntakeRules, prepare  # noqa: E402
@@ -158,6 +159,46 @@ class AgentProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait(timeout=30)
+
+
+class SimulatorProcess:
+    """`python -m agent simulate kra|tsms` on ephemeral ports, with its control API at hand."""
+
+    def __init__(self, folder: Path, kind: str, *extra: str) -> None:
+        ready = re.compile(rf"{kind.upper()} simulator: (\S+) \(control (\S+)\)")
+        self.log_path = folder / f"{kind}.log"
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "agent", "simulate", kind, "--port", "0", "--control-port", "0", *extra],
+                cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while not (match := ready.search(self.log_path.read_text(errors="replace"))):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the {kind} simulator did not start:\n{self.log_path.read_text()}")
+            time.sleep(0.02)
+        self.api_url, self.control_url = match.group(1), match.group(2)
+
+    def faults(self, **faults: Any) -> None:
+        httpx.post(f"{self.control_url}/_sim/faults", json=faults, timeout=10).raise_for_status()
+
+    def state(self) -> dict[str, Any]:
+        body: dict[str, Any] = httpx.get(f"{self.control_url}/_sim/state", timeout=60).json()
+        return body
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+
+def in_temp_dir(prefix: str, where: Path | None, body: Callable[[Path], int]) -> int:
+    """Run a benchmark in a fresh directory, removed afterwards whatever happens."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=where))
+    try:
+        return body(folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # --- the load generator --------------------------------------------------------------------

@@ -187,3 +187,54 @@ def test_tsms_down_does_not_stop_signing(sim: Simulator, db_path: Path) -> None:
             wait_for(lambda: all_synced(outbox))
         assert_each_once(sim, outbox)
         outbox.close()
+
+
+class TestCreditNotes:
+    def test_whole_sale_credit_note_voids_the_transaction(self, sim: Simulator, db_path: Path) -> None:
+        """A credit note for the whole sale is a void at head office; a partial one is not sent."""
+        client, outbox, _ = sync_agent(db_path, sim)
+        with client:
+            post_many(client, 2)
+            wait_for(lambda: all_synced(outbox))
+            whole = client.post("/v1/sales/S-0/credit-notes", json={"credit_note_id": "CN-1", "reason": "06"})
+            part = client.post("/v1/sales/S-1/credit-notes",
+                               json={"credit_note_id": "CN-2", "reason": "06", "lines": [{"line": 1, "qty": "1"}]})
+            assert (whole.status_code, part.status_code) == (201, 201)
+            wait_for(lambda: all_synced(outbox))
+            events = [(e.event, e.detail) for e in outbox.journal() if e.event == "tsms_void"]
+        sold = {s.sale_id: s for s in outbox.all_sales()}
+        state = sim.state()
+        conn = outbox._reader
+        tsms_id = {r[0]: r[1] for r in conn.execute("SELECT sale_id, tsms_id FROM sales")}
+        assert state["transactions"][tsms_id["S-0"]]["voided_at"] is not None
+        assert state["transactions"][tsms_id["S-1"]]["voided_at"] is None
+        assert state["voids"] == 1
+        assert sold["CN-2"].tsms_state == "synced" and '"sent":false' in events[1][1]
+        outbox.close()
+
+
+def test_heartbeat_gives_the_clock_offset(sim: Simulator, db_path: Path) -> None:
+    client, outbox, lane = sync_agent(db_path, sim)
+    with client:
+        post_many(client, 1)
+        wait_for(lambda: all_synced(outbox))
+        client.portal.call(lane.heartbeat)  # type: ignore[union-attr]
+        offset = client.get("/v1/status").json()["lanes"]["tsms"]["clock_offset_s"]
+    assert offset is not None and abs(offset) < 1.0  # the simulator runs on this machine's clock
+    assert sim.state()["heartbeats"] == 1
+    outbox.close()
+
+
+def test_token_rotation_revokes_the_old_token(sim: Simulator, db_path: Path) -> None:
+    """After a refresh the old token is refused by the server and the new one is used."""
+    client, outbox, lane = sync_agent(db_path, sim)
+    with client:
+        post_many(client, 1, "A")
+        wait_for(lambda: all_synced(outbox))
+        client.portal.call(lane.rotate_token)  # type: ignore[union-attr]
+        post_many(client, 1, "B")
+        wait_for(lambda: all_synced(outbox))
+    state = sim.state()
+    assert state["tokens_issued"] == 2 and state["unauthorized"] == 0
+    assert_each_once(sim, outbox)
+    outbox.close()

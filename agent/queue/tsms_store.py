@@ -25,6 +25,19 @@ class Unsynced:
 
 
 @dataclass(frozen=True, slots=True)
+class PendingVoid:
+    """A credit note waiting to reach head office, with the sale it refunds."""
+
+    id: int
+    refund_reason: str | None
+    lines: list[dict[str, Any]]  # the credit note's lines
+    original_lines: list[dict[str, Any]]
+    original_tsms_id: str | None
+    original_tsms_state: str
+    earlier_notes: int  # credit notes against the same sale before this one
+
+
+@dataclass(frozen=True, slots=True)
 class Submission:
     uuid: str
     body: bytes
@@ -105,6 +118,25 @@ class TsmsStore:
                          "last_error = ?, updated_at = ? WHERE uuid = ?", (status, error, at, uuid))
             conn.execute("UPDATE sales SET tsms_state = 'pending', tsms_submission = NULL "
                          "WHERE tsms_submission = ? AND tsms_state = 'batched'", (uuid,))
+
+    def pending_voids(self) -> list[PendingVoid]:
+        """Credit notes not yet settled with head office whose original has reached it, oldest first."""
+        with self._box._read() as conn:
+            rows = conn.execute(
+                "SELECT n.id, n.refund_reason, n.sale, o.sale, o.tsms_id, o.tsms_state, "
+                "(SELECT count(*) FROM sales e WHERE e.original_id = n.original_id AND e.id < n.id) "
+                "FROM sales n JOIN sales o ON o.id = n.original_id "
+                "WHERE n.original_id IS NOT NULL AND n.tsms_state = 'pending' ORDER BY n.id").fetchall()
+        return [PendingVoid(r[0], r[1], json.loads(r[2])["lines"], json.loads(r[3])["lines"], r[4], r[5], r[6])
+                for r in rows]
+
+    def void_settled(self, note_ref: int, outcome: str, detail: dict[str, Any], now: datetime) -> None:
+        """The credit note is done with head office: `synced` (voided, or nothing to send) or `rejected`."""
+        at = timestamp(now)
+        with self._box._write() as conn:
+            conn.execute("UPDATE sales SET tsms_state = ?, tsms_synced_at = ? WHERE id = ?",
+                         (outcome, at if outcome == "synced" else None, note_ref))
+            self._box._journal(conn, at, "tsms_void" if outcome == "synced" else "tsms_rejected", note_ref, detail)
 
     def submission_state(self, uuid: str) -> str | None:
         with self._box._read() as conn:

@@ -31,10 +31,10 @@ from typing import Any, Protocol
 
 from agent.jsonwire import wire_json
 from agent.logs import get_logger
-from agent.queue.tsms_store import Submission, TsmsStore
+from agent.queue.tsms_store import PendingVoid, Submission, TsmsStore
 from agent.secret import Secret
 from agent.signing import backoff
-from agent.sync.checksum import sign_submission
+from agent.sync.checksum import sign_submission, void_checksum
 from agent.sync.client import Outcome, TsmsClient, TsmsReply
 from agent.sync.transaction import Terminal, tsms_transaction, utc_z
 
@@ -62,6 +62,22 @@ class SyncSettings:
     backoff_base_s: float = 2.0
     backoff_max_s: float = 600.0
     coalesce_s: float = 2.0  # a trickle of sales makes at most 30 submissions a minute (the server allows 50)
+
+
+PARTIAL_NOTE = ("a partial credit note: TSMS has no partial refund (only a void of the whole transaction), "
+                "so head office keeps the sale whole; the credit note is in the agent's journal and export")
+
+
+def covers_whole_sale(note: PendingVoid) -> bool:
+    """Whether the credit note refunds every item of the sale in full (and is its only credit note)."""
+    return note.earlier_notes == 0 and _quantities(note.lines) == _quantities(note.original_lines)
+
+
+def _quantities(lines: list[dict[str, Any]]) -> dict[str, Decimal]:
+    out: dict[str, Decimal] = {}
+    for line in lines:
+        out[line["item_code"]] = out.get(line["item_code"], Decimal(0)) + Decimal(line["qty"])
+    return out
 
 
 def head_office_builder(terminal: Terminal, new_id: Callable[[], str] = lambda: str(uuids.uuid4())
@@ -120,7 +136,7 @@ class TsmsLane:
         (0: go on at once; None: nothing to send, wait until woken or the sync interval)."""
         submission = self._store.open_submission() or self._new_submission()
         if submission is None:
-            return None
+            return await self._void_step()
         token = await self._token()
         if token is None:
             return self._pause_for_failure()
@@ -132,6 +148,41 @@ class TsmsLane:
                 return self._pause_for_failure()
             reply = await self._client.submit(submission.body, token, submission.uuid)
         return self._settle(submission, reply)
+
+    async def _void_step(self) -> float | None:
+        """Settle the oldest credit note whose original head office holds: a whole-sale credit note
+        voids the transaction; a partial one is not sent (TSMS has no partial refund), and says so."""
+        for note in self._store.pending_voids():
+            now = self._clock()
+            if not covers_whole_sale(note):
+                self._store.void_settled(note.id, "synced", {"sent": False, "why": PARTIAL_NOTE}, now)
+                return 0.0
+            if note.original_tsms_state != "synced" or not note.original_tsms_id:
+                continue  # the sale itself has not reached head office yet
+            token = await self._token()
+            if token is None:
+                return self._pause_for_failure()
+            reason = f"Credit note, KRA refund reason {note.refund_reason or '-'}"
+            body = wire_json({"transaction_id": note.original_tsms_id, "void_reason": reason,
+                              "payload_checksum": void_checksum(note.original_tsms_id, reason)}).encode()
+            reply = await self._client.void(note.original_tsms_id, body, token)
+            if reply.outcome is Outcome.UNAUTHORIZED:
+                self._credentials.save_token(None)
+                return 0.0
+            done = reply.status == 200 or (reply.status == 409 and "already voided" in reply.message)
+            if done:  # a second void's 409 means head office has it voided: done as well
+                self._store.void_settled(note.id, "synced", {"voided": note.original_tsms_id, "status": reply.status},
+                                         now)
+                return 0.0
+            if reply.status == 422:
+                self._store.void_settled(note.id, "rejected", {"voided": note.original_tsms_id,
+                                                               "error": _describe(reply)[:500]}, now)
+                log.error("tsms_void_rejected", sale=note.id, reason=_describe(reply))
+                return 0.0
+            if reply.outcome is Outcome.WAIT:
+                return reply.retry_after_s
+            return self._pause_for_failure(_describe(reply))  # 404 not yet processed, 409 busy, 5xx, network
+        return None
 
     def _new_submission(self) -> Submission | None:
         rows = self._store.unsynced(self._limit)
@@ -228,6 +279,19 @@ class TsmsLane:
         delay = backoff(self._failures, base_s=self._settings.backoff_base_s, cap_s=self._settings.backoff_max_s,
                         rand=self._rand)
         return delay.total_seconds()
+
+    async def rotate_token(self) -> None:
+        """POST /api/v1/auth/refresh: a fresh token, and every older one revoked by the server, so a
+        token that leaked stops working within a day."""
+        token = self._credentials.token()
+        if token is None:
+            return
+        reply, fresh = await self._client.refresh(token)
+        if fresh is not None:
+            self._credentials.save_token(fresh)
+            log.info("tsms_token_rotated")
+        elif reply.outcome is Outcome.UNAUTHORIZED:
+            self._credentials.save_token(None)  # the next submission authenticates again
 
     async def heartbeat(self) -> None:
         """POST /api/v1/heartbeat; its server_time gives the clock offset."""
