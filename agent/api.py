@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
-from typing import Any, Protocol
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -25,65 +22,17 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from agent import __version__
-from agent.clock import Clock
-from agent.credit_notes import REFUND_REASONS, Original, credited_quantities, prepare_credit_note
-from agent.errors import InvalidSale, SaleConflict, StorageError
-from agent.intake import IntakeRules, prepare
+from agent.desk import Answer, ApiContext, SaleDesk, Signer, Syncer
+from agent.errors import StorageError
 from agent.logs import get_logger
 from agent.openapi import openapi_document
-from agent.queue.outbox import NewSale, Outbox, SaleRecord
+from agent.queue.outbox import SaleRecord
 from agent.receipt_format import MEDIA_TYPES, WIDTHS, render
-from agent.receipt_signing import ReceiptSigner
-from agent.receipts import Seller, receipt_chain, sale_status, sale_view
-from agent.scheduler import Job
 from agent.scheduler import start as start_jobs
 from agent.secret import Secret
 from agent.signing import PENDING_STATES
 
 log = get_logger("agent.api")
-
-
-class Signer(Protocol):
-    """The KRA lane as the intake sees it."""
-
-    online: bool | None
-    last_error: str | None
-
-    def notify(self) -> None: ...
-    def worth_waiting(self, budget_s: float) -> bool: ...
-    async def wait_settled(self, sale_ref: int, timeout: float) -> bool: ...
-    async def run(self) -> None: ...
-
-
-class Syncer(Protocol):
-    """The TSMS lane as the intake and status see it."""
-
-    state: str
-    detail: str | None
-    last_sync_at: datetime | None
-    clock_offset_s: float | None
-
-    def notify(self) -> None: ...
-    async def run(self) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class ApiContext:
-    outbox: Outbox
-    rules: IntakeRules
-    clock: Clock
-    max_body_bytes: int
-    started_at: datetime
-    signer: Signer | None = None
-    sign_budget_s: float = 0.0
-    seller: Seller | None = None
-    backlog: Callable[[], int] | None = None
-    receipt_signer: ReceiptSigner | None = None  # signs temporary receipts
-    tax_rates: Callable[[], Mapping[str, Decimal]] | None = None  # KRA's class 04 once known
-    refund_reasons: Callable[[], Mapping[str, str]] | None = None  # KRA's class 32 once known
-    jobs: tuple[Job, ...] = ()  # periodic work, run while the app serves
-    syncer: Syncer | None = None  # the TSMS lane
-    on_shutdown: tuple[Callable[[], Awaitable[None]], ...] = ()
 
 
 class _TooLarge(Exception):
@@ -110,6 +59,11 @@ async def _body(request: Request, limit: int) -> bytes:
 
 
 def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
+    desk = SaleDesk(ctx)
+
+    def answer(result: Answer) -> Response:
+        return JSONResponse(result.body, status_code=result.status)
+
     async def read_json(request: Request) -> Any:
         """The decoded body, or the error Response to send instead."""
         try:
@@ -121,39 +75,6 @@ def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
             return json.loads(body, parse_float=Decimal)
         except (ValueError, RecursionError):
             return error(422, "invalid_json", "the body is not valid JSON; send one JSON object")
-
-    async def store(new: NewSale) -> Response:
-        """Commit a sale or credit note, then wait a short budget for KRA's signature."""
-        # The commit runs right here on the event loop. Handing it to a writer thread measured
-        # worse (774 vs 1158 sales/s with 8 clients, bench/ingest.py): the thread spent as long
-        # winning the GIL back after each SQLite call as it spent in SQLite. Commits are one at a
-        # time either way; reads use their own connection and do not wait for them.
-        try:
-            result = ctx.outbox.accept(new, ctx.clock())
-        except SaleConflict as exc:
-            return error(409, "conflict", str(exc), "sale_id")
-        record = result.record
-        if result.created and ctx.syncer is not None:
-            ctx.syncer.notify()
-        signer = ctx.signer
-        if signer is not None and sale_status(record.kra_state) == "pending":
-            if result.created:
-                signer.notify()
-            # Wait a short budget for KRA's signature, unless the lane knows it cannot come in time
-            # (KRA down, or a backlog ahead): then the temporary receipt goes out at once.
-            if ctx.sign_budget_s > 0 and signer.worth_waiting(ctx.sign_budget_s) and \
-                    await signer.wait_settled(record.id, ctx.sign_budget_s):
-                record = ctx.outbox.by_id(record.id) or record
-        return JSONResponse(view(record, result.entry), status_code=201 if result.created else 200)
-
-    def view(record: SaleRecord, entry: tuple[str, str] | None = None) -> dict[str, Any]:
-        """`entry`: the sale's journal entry when the caller has it (saves reading it back)."""
-        original = None if record.original_id is None else ctx.outbox.by_id(record.original_id)
-        chain = None
-        if record.kra_signature is None and ctx.receipt_signer is not None:
-            entry = entry or ctx.outbox.accepted_entry(record.id)
-            chain = None if entry is None else receipt_chain(record, entry, ctx.receipt_signer)
-        return sale_view(record, ctx.seller, original=original, chain=chain)
 
     async def lookup(request: Request) -> SaleRecord | Response:
         """The sale the path names (and ?till_id= when several tills used its id), or an error."""
@@ -173,25 +94,11 @@ def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
                          "add ?till_id=... to choose one", "till_id")
         return records[0]
 
-    cached_rules = [ctx.rules]  # rebuilt only when the code-list refresh hands over new rates
-
-    def current_rules() -> IntakeRules:
-        if ctx.tax_rates is None:
-            return ctx.rules
-        rates = ctx.tax_rates()
-        if cached_rules[0].tax_rates is not rates:
-            cached_rules[0] = dataclasses.replace(ctx.rules, tax_rates=rates)
-        return cached_rules[0]
-
     async def post_sale(request: Request) -> Response:
         data = await read_json(request)
         if isinstance(data, Response):
             return data
-        try:
-            new = prepare(data, current_rules())
-        except InvalidSale as exc:
-            return error(422, exc.code, exc.message, exc.field)
-        return await store(new)
+        return answer(await desk.sale(data))
 
     async def post_credit_note(request: Request) -> Response:
         original = await lookup(request)
@@ -203,12 +110,7 @@ def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
         data = await read_json(request)
         if isinstance(data, Response):
             return data
-        try:
-            reasons = (ctx.refund_reasons() if ctx.refund_reasons else None) or REFUND_REASONS
-            new = prepare_credit_note(data, _original(ctx.outbox, original, data), ctx.clock(), reasons)
-        except InvalidSale as exc:
-            return error(422, exc.code, exc.message, exc.field)
-        return await store(new)
+        return answer(await desk.credit_note(original, data))
 
     async def get_receipt(request: Request) -> Response:
         record = await lookup(request)
@@ -226,7 +128,7 @@ def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
         if copy not in ("auto", "true", "false"):
             return error(422, "bad_parameter", f"{copy!r}: use auto (COPY after the first print), true or false",
                          "copy")
-        body = view(record)
+        body = desk.view(record)
         earlier = ctx.outbox.count_print(record.id, body["receipt"]["kind"], ctx.clock())
         content, media_type = render(body, fmt, int(width), copy=copy == "true" or (copy == "auto" and earlier > 0))
         return Response(content, media_type=media_type)
@@ -235,7 +137,7 @@ def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
         record = await lookup(request)
         if isinstance(record, Response):
             return record
-        return JSONResponse(view(record))
+        return JSONResponse(desk.view(record))
 
     async def status(request: Request) -> Response:
         stats = await run_in_threadpool(ctx.outbox.stats)
@@ -327,19 +229,6 @@ def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
     if till_token is not None:
         app = BearerAuth(app, till_token)
     return app
-
-
-def _original(outbox: Outbox, record: SaleRecord, data: object) -> Original:
-    """The original as a credit note sees it. A repeated request is checked as if it were new (its
-    own earlier copy not counted as credited, its stored date assumed), so it replays or conflicts."""
-    note_id = data.get("credit_note_id") if isinstance(data, dict) else None
-    notes = [n for n in outbox.credit_notes_of(record.id) if n.kra_state != "parked"]
-    earlier = next((n for n in notes if n.sale_id == note_id), None)
-    if earlier is not None and isinstance(data, dict) and "issued_at" not in data:
-        data["issued_at"] = earlier.sale["issued_at"]
-    return Original(id=record.id, till_id=record.till_id, sale_id=record.sale_id, kra_state=record.kra_state,
-                    sale=record.sale, amounts=record.amounts,
-                    credited=credited_quantities([n.sale for n in notes if n is not earlier]))
 
 
 def _tsms_lane_state(syncer: Syncer | None) -> dict[str, Any]:

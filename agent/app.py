@@ -17,9 +17,10 @@ from typing import Any
 
 import uvicorn
 
-from agent.api import ApiContext, create_app
+from agent.api import create_app
 from agent.clock import Clock, system_clock
 from agent.config import TILL_TOKEN_ENV, TSMS_SIMULATOR_TERMINAL, Config
+from agent.desk import ApiContext
 from agent.errors import ConfigError, KraError
 from agent.intake import IntakeRules
 from agent.keystore import SecretStore, open_secret_store

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
-from agent.api import ApiContext, create_app
+from agent.api import create_app
+from agent.desk import ApiContext
 from agent.intake import IntakeRules
 from agent.queue.outbox import Outbox
 from agent.receipt_signing import ReceiptSigner

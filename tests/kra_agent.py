@@ -8,8 +8,9 @@ from pathlib import Path
 from conftest import RULES
 from starlette.testclient import TestClient
 
-from agent.api import ApiContext, create_app
+from agent.api import create_app
 from agent.clock import system_clock
+from agent.desk import ApiContext
 from agent.kra.client import KraClient
 from agent.kra.device import initialise
 from agent.kra.lane import KraLane, LaneSettings

@@ -15,8 +15,9 @@ from conftest import RULES, FakeClock, api_client, make_sale
 from starlette.testclient import TestClient
 from typer.testing import CliRunner
 
-from agent.api import ApiContext, create_app
+from agent.api import create_app
 from agent.cli import app as cli_app
+from agent.desk import ApiContext
 from agent.queue.outbox import Outbox
 from agent.receipts import TEMPORARY_NOTICE
 from agent.secret import Secret

@@ -13,7 +13,8 @@ from conftest import RULES, FakeClock, make_sale
 from kra_agent import BHF, TIN, init_key
 from starlette.testclient import TestClient
 
-from agent.api import ApiContext, create_app
+from agent.api import create_app
+from agent.desk import ApiContext
 from agent.kra.client import KraClient
 from agent.kra.code_lists import CODES, CodeLists, merge_codes, merge_item_classes, refund_reasons, tax_rates
 from agent.kra.simulator import Simulator, SimulatorConfig
