@@ -160,6 +160,7 @@ def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
                          "backlog": stats.tsms.get("pending", 0) + stats.tsms.get("batched", 0),
                          "by_state": stats.tsms},
             },
+            "devices": {device.name: device.status() for device in ctx.devices},
         }
         return JSONResponse(body)
 
@@ -201,9 +202,14 @@ def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
         lanes = [asyncio.create_task(lane.run(), name=name)
                  for name, lane in (("kra-lane", ctx.signer), ("tsms-lane", ctx.syncer)) if lane is not None]
         scheduler = start_jobs(ctx.jobs, ctx.clock()) if ctx.jobs else None
+        loop = asyncio.get_running_loop()
+        for device in ctx.devices:
+            device.start(loop, desk)
         try:
             yield
         finally:
+            for device in ctx.devices:  # before the loop goes: their threads submit to it
+                await asyncio.to_thread(device.stop)
             if scheduler is not None:
                 scheduler.shutdown(wait=False)
             for task in lanes:

@@ -20,8 +20,10 @@ import uvicorn
 from agent.api import create_app
 from agent.clock import Clock, system_clock
 from agent.config import TILL_TOKEN_ENV, TSMS_SIMULATOR_TERMINAL, Config
-from agent.desk import ApiContext
-from agent.errors import ConfigError, KraError
+from agent.desk import ApiContext, Device, SaleDesk
+from agent.devices.printer import Printer, Printers, send_bytes
+from agent.devices.serial_intake import SerialIntake
+from agent.errors import ConfigError, KraError, StorageError
 from agent.intake import IntakeRules
 from agent.keystore import SecretStore, open_secret_store
 from agent.kra.client import KraClient
@@ -34,6 +36,7 @@ from agent.logs import get_logger
 from agent.queue.kra_store import KraStore
 from agent.queue.outbox import Outbox
 from agent.queue.tsms_store import TsmsStore
+from agent.receipt_format import render_escpos
 from agent.receipt_signing import KEY_NAME as RECEIPT_KEY
 from agent.receipt_signing import ReceiptSigner
 from agent.receipts import Seller
@@ -178,8 +181,8 @@ def build_kra(cfg: Config, outbox: Outbox, clock: Clock) -> KraParts | None:
                    PayloadSeller(cfg.kra.tin, cfg.kra.branch_id, cfg.kra.user_id, cfg.kra.user_name), clock,
                    LaneSettings(backoff_base_s=cfg.kra.backoff_base_s, backoff_max_s=cfg.kra.backoff_max_s,
                                 origin_country=cfg.kra.origin_country))
-    seller = Seller(tin=cfg.kra.tin, bhf_id=cfg.kra.branch_id, sdc_id=identity["sdc_id"],
-                    environment=cfg.kra.environment, name=str(identity["info"].get("taxprNm") or ""))
+    seller = _seller(cfg, outbox)
+    assert seller is not None  # the identity was found above
     return KraParts(lane=lane, client=client, seller=seller, simulator=simulator)
 
 
@@ -226,6 +229,40 @@ async def _initialise_and_close(client: KraClient, cfg: Config) -> Initialised:
         return await _initialise(client, cfg)
     finally:
         await client.aclose()
+
+
+def reprint(cfg: Config, sale_id: str, till_id: str | None, index: int) -> str:
+    """`etims-agent receipt print`: the receipt again on a configured printer, marked COPY."""
+    if not 0 <= index < len(cfg.printers):
+        raise ConfigError("--printer", f"there is no printer {index} ({len(cfg.printers)} configured)",
+                          "add a [[printers]] section or pick another")
+    settings = cfg.printers[index]
+    outbox = Outbox.open(outbox_path(cfg.data_dir))
+    try:
+        records = [r for r in ([outbox.get(till_id, sale_id)] if till_id else outbox.find(sale_id)) if r]
+        if len(records) != 1:
+            raise ConfigError("SALE_ID", f"{len(records)} sales match {sale_id!r}",
+                              "give --till-id to choose one" if records else "check the sale id (and --till-id)")
+        desk = SaleDesk(ApiContext(outbox=outbox, rules=intake_rules(cfg), clock=system_clock, max_body_bytes=0,
+                                   started_at=system_clock(), receipt_signer=receipt_signer(cfg),
+                                   seller=_seller(cfg, outbox)))
+        view = desk.view(records[0])
+        try:
+            send_bytes(settings.url, render_escpos(view, settings.width, copy=True), baudrate=settings.baudrate)
+        except OSError as exc:
+            raise StorageError(f"printer {settings.url}: {exc}; is it on, with paper, and connected?") from None
+        outbox.count_print(records[0].id, view["receipt"]["kind"], system_clock())
+    finally:
+        outbox.close()
+    return f"printed {view['receipt']['kind']} receipt of {sale_id} on {settings.url} (COPY)"
+
+
+def _seller(cfg: Config, outbox: Outbox) -> Seller | None:
+    identity = KraStore(outbox).device()
+    if identity is None:
+        return None
+    return Seller(tin=cfg.kra.tin, bhf_id=cfg.kra.branch_id, sdc_id=identity["sdc_id"],
+                  environment=cfg.kra.environment, name=str(identity["info"].get("taxprNm") or ""))
 
 
 def store_tsms_key(cfg: Config, api_key: Secret) -> str:
@@ -300,12 +337,17 @@ def run(cfg: Config, *, clock: Clock = system_clock,
             if tsms is not None:
                 rules = replace(rules, head_office=head_office_builder(tsms.terminal))
             closers = [part.client.aclose for part in (kra, tsms) if part is not None]
+            printers = Printers([Printer(p, outbox, clock) for p in cfg.printers])
+            devices: list[Device] = [SerialIntake(cfg.serial_ports)] if cfg.serial_ports else []
+            if cfg.printers:
+                devices.append(printers)
             ctx = ApiContext(outbox=outbox, rules=rules, clock=clock,
                              max_body_bytes=cfg.http.max_body_bytes, started_at=clock(),
                              signer=kra.lane if kra else None, sign_budget_s=cfg.kra.sign_budget_s,
                              seller=kra.seller if kra else None, receipt_signer=receipt_signer(cfg),
                              tax_rates=codes.rates, refund_reasons=codes.reasons, jobs=tuple(jobs),
-                             syncer=tsms.lane if tsms else None, on_shutdown=tuple(closers))
+                             syncer=tsms.lane if tsms else None, on_shutdown=tuple(closers),
+                             devices=tuple(devices), on_answer=(printers.sale_answered,) if cfg.printers else ())
             app = create_app(ctx, till_token=cfg.http.till_token)
             sock = bind(cfg.http.host, cfg.http.port)
             host, port = sock.getsockname()[:2]

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from agent import __version__
-from agent.app import check_exposure, init_device, outbox_path, run, store_tsms_key
+from agent.app import check_exposure, init_device, outbox_path, reprint, run, store_tsms_key
 from agent.config import SIMULATOR_DEVICE, TSMS_SIMULATOR_TERMINAL, Config, load_config
 from agent.errors import AgentError, ConfigError, DataDirLocked, StorageError
 from agent.logs import configure
@@ -207,6 +207,71 @@ def simulate_tsms(
                               rate_limit=rate_limit, rate_window_s=rate_window)
     serve_forever(cfg, host, port, control_port,
                   on_ready=lambda api, control: typer.echo(f"TSMS simulator: {api} (control {control})", err=True))
+
+
+serial_app = typer.Typer(no_args_is_help=True, help="Find and check the serial ports tills use.")
+app.add_typer(serial_app, name="serial")
+
+
+@serial_app.command("list")
+def serial_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List the serial ports this machine has (USB adapters show their maker and serial number).
+
+    Example: etims-agent serial list
+    """
+    from agent.devices.ports import list_ports
+
+    ports = list_ports()
+    if as_json:
+        typer.echo(json.dumps(ports, indent=2))
+        return
+    if not ports:
+        typer.echo("no serial ports found; is the adapter plugged in (and its driver loaded)?")
+    for port in ports:
+        typer.echo(f"{port['device']:20} {port['description']}" + (f"  [{port['hwid']}]" if port["hwid"] else ""))
+
+
+@serial_app.command("test")
+def serial_test(
+        port: Annotated[str, typer.Argument(help="The port: /dev/ttyUSB0, COM3, socket://host:4001, loop://")],
+        mode: Annotated[str, typer.Option(help="plain or framed, as the till speaks.")] = "plain",
+        baudrate: Annotated[int, typer.Option(help="Line speed.")] = 9600,
+        seconds: Annotated[float, typer.Option(help="How long to listen.")] = 10.0) -> None:
+    """Open a port and show what the till sends, decoded (messages, bad frames, noise); nothing is stored.
+
+    Exit codes: 0 at least one message arrived, 1 none did, 2 the port could not be opened.
+    Example: etims-agent serial test /dev/ttyUSB0 --mode framed --baudrate 19200
+    """
+    from agent.devices.ports import listen
+
+    try:
+        events = listen(port, mode=mode, baudrate=baudrate, seconds=seconds, echo=typer.echo)
+    except (OSError, ValueError) as exc:
+        typer.echo(f"etims-agent: cannot open {port}: {exc}; check the name with `etims-agent serial list` "
+                   "and that no other program holds it", err=True)
+        raise typer.Exit(2) from None
+    if not events:
+        typer.echo(f"no message in {seconds:g} s: check the cable, the baud rate and the mode")
+        raise typer.Exit(1)
+    typer.echo(f"{events} message(s) received")
+
+
+receipt_app = typer.Typer(no_args_is_help=True, help="Show and print receipts.")
+app.add_typer(receipt_app, name="receipt")
+
+
+@receipt_app.command("print")
+def receipt_print(sale_id: Annotated[str, typer.Argument(help="The till's sale id.")],
+                  config: ConfigOption = None,
+                  till_id: Annotated[str | None, typer.Option(help="The till, if several used this id.")] = None,
+                  printer: Annotated[int, typer.Option(help="Which [[printers]] entry, from 0.")] = 0) -> None:
+    """Reprint a sale's receipt on a configured printer, marked COPY.
+
+    Example: etims-agent receipt print R-0001 --config /etc/etims-agent/agent.toml
+    """
+    with _errors():
+        cfg = _load(config)
+        typer.echo(reprint(cfg, sale_id, till_id, printer))
 
 
 @app.command()

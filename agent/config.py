@@ -108,6 +108,30 @@ class TsmsSettings:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class SerialPortSettings:
+    url: str  # /dev/ttyUSB0, COM3, socket://host:port, loop://, a pty path
+    mode: str = "plain"  # plain: one JSON object per line; framed: STX/ETX/CRC with ACK/NAK
+    baudrate: int = 9600
+    bytesize: int = 8
+    parity: str = "N"  # N, E, O, M, S
+    stopbits: float = 1.0
+    read_timeout_s: float = 0.1
+    reopen_interval_s: float = 2.0  # how often a lost port is tried again
+    max_bytes: int = 1_048_576  # largest message
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PrinterSettings:
+    url: str  # file:/dev/usb/lp0, socket://192.168.1.50:9100, /dev/ttyUSB1, COM4 (pyserial URLs)
+    width: int = 42  # columns: 32 (58 mm paper), 42 or 48 (80 mm)
+    temporary: bool = True  # print temporary receipts by themselves
+    signed: bool = True  # print signed receipts by themselves
+    signed_after_temporary: bool = True  # print the signed copy once a temporary receipt is signed
+    baudrate: int = 9600  # for serial printers
+    retry_interval_s: float = 5.0
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class SecretSettings:
     backend: str = "auto"  # auto: the platform keyring if there is one, else our encrypted file
 
@@ -127,6 +151,8 @@ class Config:
     log: LogSettings = field(default_factory=LogSettings)
     kra: KraSettings = field(default_factory=KraSettings)
     tsms: TsmsSettings = field(default_factory=TsmsSettings)
+    serial_ports: tuple[SerialPortSettings, ...] = ()
+    printers: tuple[PrinterSettings, ...] = ()
     secrets: SecretSettings = field(default_factory=SecretSettings)
     source: str = "built-in defaults"
     secrets_in_file: tuple[str, ...] = ()
@@ -177,7 +203,9 @@ def parse_config(
     log_t = root.table("log")
     kra_t = root.table("kra")
     tsms_t = root.table("tsms")
+    serial_t = root.table("serial")
     secrets_t = root.table("secrets")
+    printer_ts = root.tables("printers")
     root.done()
 
     in_file: list[str] = []
@@ -213,6 +241,9 @@ def parse_config(
     if kra.cmc_key is not None:
         in_file.append("kra.cmc_key")
     tsms = _tsms(tsms_t)
+    serial_ports = tuple(_serial_port(t) for t in serial_t.tables("ports"))
+    serial_t.done()
+    printers = tuple(_printer(t) for t in printer_ts)
     if tsms.api_key is not None:
         in_file.append("tsms.api_key")
     secrets = SecretSettings(backend=secrets_t.take("backend", _choice("auto", "keyring", "file"), "auto"))
@@ -240,6 +271,8 @@ def parse_config(
         log=log,
         kra=kra,
         tsms=tsms,
+        serial_ports=serial_ports,
+        printers=printers,
         secrets=secrets,
         source=source,
         secrets_in_file=tuple(in_file),
@@ -310,6 +343,59 @@ def _tsms(t: _Table) -> TsmsSettings:
     return tsms
 
 
+def _serial_port(t: _Table) -> SerialPortSettings:
+    url = t.take("url", _bounded_str(300), "")
+    if not url:
+        raise ConfigError(t.key("url"), "is required", "give the port, e.g. /dev/ttyUSB0, COM3 or socket://host:4001",
+                          source=t.source)
+    port = SerialPortSettings(
+        url=url,
+        mode=t.take("mode", _choice("plain", "framed"), "plain"),
+        baudrate=t.take("baudrate", _int(50, 4_000_000), 9600),
+        bytesize=t.take("bytesize", _int(5, 8), 8),
+        parity=t.take("parity", _choice("N", "E", "O", "M", "S"), "N"),
+        stopbits=t.take("stopbits", _stopbits, 1.0),
+        read_timeout_s=t.take("read_timeout_s", _seconds(0.01, 10), 0.1),
+        reopen_interval_s=t.take("reopen_interval_s", _seconds(0.05, 600), 2.0),
+        max_bytes=t.take("max_bytes", _int(1024, 16 * 1024 * 1024), 1_048_576),
+    )
+    t.done()
+    return port
+
+
+def _printer(t: _Table) -> PrinterSettings:
+    url = t.take("url", _bounded_str(300), "")
+    if not url:
+        raise ConfigError(t.key("url"), "is required",
+                          "give the printer, e.g. socket://192.168.1.50:9100, file:/dev/usb/lp0 or /dev/ttyUSB1",
+                          source=t.source)
+    printer = PrinterSettings(
+        url=url,
+        width=t.take("width", _choice_int(32, 42, 48), 42),
+        temporary=t.take("temporary", _bool, True),
+        signed=t.take("signed", _bool, True),
+        signed_after_temporary=t.take("signed_after_temporary", _bool, True),
+        baudrate=t.take("baudrate", _int(50, 4_000_000), 9600),
+        retry_interval_s=t.take("retry_interval_s", _seconds(0.05, 3600), 5.0),
+    )
+    t.done()
+    return printer
+
+
+def _choice_int(*options: int) -> Callable[[Any, str], int]:
+    def parse(value: Any, key: str) -> int:
+        if value not in options or isinstance(value, bool):
+            raise ConfigError(key, f"{value!r} is not allowed", f"use one of {', '.join(map(str, options))}")
+        return int(value)
+    return parse
+
+
+def _stopbits(value: Any, key: str) -> float:
+    if value not in (1, 1.5, 2) or isinstance(value, bool):
+        raise ConfigError(key, f"{value!r} is not a number of stop bits", "use 1, 1.5 or 2")
+    return float(value)
+
+
 def _replace_token(http: HttpSettings, token: Secret) -> HttpSettings:
     return HttpSettings(
         host=http.host, port=http.port, till_token=token, max_body_bytes=http.max_body_bytes
@@ -350,6 +436,15 @@ class _Table:
                 f"write it as a [{self.key(name)}] section", source=self._source,
             )
         return _Table(value, f"{self.key(name)}.", self._source)
+
+    def tables(self, name: str) -> list[_Table]:
+        """An array of tables ([[name]] sections)."""
+        self._seen.add(name)
+        value = self._data.get(name, [])
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise ConfigError(self.key(name), f"expected an array of tables, got {_kind(value)}",
+                              f"write each as a [[{self.key(name)}]] section", source=self._source)
+        return [_Table(v, f"{self.key(name)}[{i}].", self._source) for i, v in enumerate(value)]
 
     def done(self) -> None:
         unknown = sorted(set(self._data) - self._seen)

@@ -7,6 +7,7 @@ the same way whichever wire it came on. An `Answer` is an HTTP-style status and 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -48,6 +49,16 @@ class Syncer(Protocol):
     async def run(self) -> None: ...
 
 
+class Device(Protocol):
+    """Another way in for tills (serial lines): started with the app, given the desk's `sale`."""
+
+    name: str
+
+    def start(self, loop: asyncio.AbstractEventLoop, desk: SaleDesk) -> None: ...
+    def stop(self) -> None: ...
+    def status(self) -> Any: ...
+
+
 @dataclass(frozen=True, slots=True)
 class ApiContext:
     outbox: Outbox
@@ -64,6 +75,8 @@ class ApiContext:
     refund_reasons: Callable[[], Mapping[str, str]] | None = None  # KRA's class 32 once known
     jobs: tuple[Job, ...] = ()  # periodic work, run while the app serves
     syncer: Syncer | None = None  # the TSMS lane
+    devices: tuple[Device, ...] = ()  # serial intake, printers
+    on_answer: tuple[Callable[[int, str], None], ...] = ()  # (sale id, receipt kind) once a till has its answer
     on_shutdown: tuple[Callable[[], Awaitable[None]], ...] = ()
 
 
@@ -80,6 +93,7 @@ def error_body(code: str, message: str, field: str | None = None) -> dict[str, A
 class SaleDesk:
     def __init__(self, ctx: ApiContext) -> None:
         self._ctx = ctx
+        self.outbox = ctx.outbox
         self._rules = ctx.rules  # rebuilt only when the code-list refresh hands over new rates
 
     async def sale(self, data: object) -> Answer:
@@ -134,7 +148,11 @@ class SaleDesk:
             if ctx.sign_budget_s > 0 and signer.worth_waiting(ctx.sign_budget_s) and \
                     await signer.wait_settled(record.id, ctx.sign_budget_s):
                 record = ctx.outbox.by_id(record.id) or record
-        return Answer(201 if result.created else 200, self.view(record, result.entry))
+        body = self.view(record, result.entry)
+        if result.created:
+            for listener in ctx.on_answer:  # printers queue the receipt; they never hold up the answer
+                listener(record.id, body["receipt"]["kind"])
+        return Answer(201 if result.created else 200, body)
 
     def _current_rules(self) -> IntakeRules:
         ctx = self._ctx

@@ -156,3 +156,52 @@ class TestInit:
                                 input=key + "\n")
         assert adopted.exit_code == 0, adopted.output
         assert "device adopted" in adopted.output and key not in adopted.output
+
+
+class TestSerialAndReceiptCommands:
+    def test_serial_list_answers(self) -> None:
+        result = runner.invoke(app, ["serial", "list", "--json"], catch_exceptions=False)
+        assert result.exit_code == 0
+        assert isinstance(json.loads(result.output), list)
+
+    def test_serial_test_shows_what_the_till_sends(self) -> None:
+        """A frame arrives on a pty: the command decodes it, answers ACK and exits 0."""
+        import os
+        import threading
+        import tty
+
+        from agent.devices.framing import ACK, encode
+
+        master, slave = os.openpty()
+        tty.setraw(master)
+        tty.setraw(slave)
+        path = os.ttyname(slave)
+        sender = threading.Timer(0.5, lambda: os.write(master, b"noise" + encode(b'{"sale_id":"S-1"}', "framed")))
+        sender.start()
+        try:
+            result = runner.invoke(app, ["serial", "test", path, "--mode", "framed", "--seconds", "2"])
+            reply = os.read(master, 16)
+        finally:
+            sender.join()
+            os.close(master)
+            os.close(slave)
+        assert result.exit_code == 0, result.output
+        assert 'message: {"sale_id":"S-1"}' in result.output and "noise: 5 byte(s)" in result.output
+        assert reply == bytes([ACK])
+
+    def test_serial_test_on_a_missing_port(self) -> None:
+        result = runner.invoke(app, ["serial", "test", "/dev/does-not-exist", "--seconds", "0.1"])
+        assert result.exit_code == 2
+        assert "serial list" in result.output
+
+    def test_receipt_print_reprints_as_copy(self, tmp_path: Path) -> None:
+        config = tmp_path / "agent.toml"
+        device = tmp_path / "lp0"
+        config.write_text(f'data_dir = "data"\n[secrets]\nbackend = "file"\n[[printers]]\nurl = "file:{device}"\n')
+        fill(config, 1)
+        result = runner.invoke(app, ["receipt", "print", "S0", "--config", str(config)], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        data = device.read_bytes()
+        assert b"*** COPY ***" in data and b"TEMPORARY RECEIPT" in data
+        missing = runner.invoke(app, ["receipt", "print", "NOPE", "--config", str(config)])
+        assert missing.exit_code == 2 and "check the sale id" in missing.output

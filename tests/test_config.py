@@ -113,6 +113,15 @@ ERRORS = [
     ('[kra]\nread_timeout_s = "30"', "kra.read_timeout_s", "expected a number"),
     ('[kra]\ncmc_key = "short"', "kra.cmc_key", "shorter than 16"),
     ('[secrets]\nbackend = "vault"', "secrets.backend", "not allowed"),
+    ('[tsms]\nenvironment = "server"\nbase_url = "https://ho.example"', "tsms.hardware_id", "is required"),
+    ('[tsms]\nprotocol = "v3"', "tsms.protocol", "not allowed"),
+    ('[tsms]\nbatch_size = 501', "tsms.batch_size", "out of range"),
+    ("[[serial.ports]]\nbaudrate = 9600", "serial.ports[0].url", "is required"),
+    ('[[serial.ports]]\nurl = "/dev/ttyUSB0"\nparity = "X"', "serial.ports[0].parity", "not allowed"),
+    ('[[serial.ports]]\nurl = "/dev/ttyUSB0"\nstopbits = 3', "serial.ports[0].stopbits", "not a number of stop"),
+    ('[[serial.ports]]\nurl = "COM3"\nspeed = 9600', "serial.ports[0].speed", "unknown setting"),
+    ('[[printers]]\nurl = "file:/dev/usb/lp0"\nwidth = 40', "printers[0].width", "not allowed"),
+    ("[serial]\nports = 3", "serial.ports", "expected an array of tables"),
 ]
 
 

@@ -289,6 +289,23 @@ class Outbox:
 
     # --- reads ------------------------------------------------------------------------------
 
+    def prints_of(self, sale_ref: int, kind: str) -> int:
+        """How often the sale's receipt of this kind has been printed or rendered."""
+        with self._read() as conn:
+            row = conn.execute("SELECT prints FROM receipt_prints WHERE sale_ref = ? AND kind = ?",
+                               (sale_ref, kind)).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def signed_since_temporary(self, limit: int = 20) -> list[int]:
+        """Sales whose temporary receipt was printed and which KRA has signed since, with no signed print yet."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT p.sale_ref FROM receipt_prints p JOIN sales s ON s.id = p.sale_ref "
+                "WHERE p.kind = 'temporary' AND s.kra_state = 'signed' AND NOT EXISTS "
+                "(SELECT 1 FROM receipt_prints q WHERE q.sale_ref = p.sale_ref AND q.kind = 'signed') "
+                "ORDER BY p.sale_ref LIMIT ?", (limit,)).fetchall()
+        return [r[0] for r in rows]
+
     def get(self, till_id: str, sale_id: str) -> SaleRecord | None:
         with self._read() as conn:
             row = conn.execute(f"SELECT {_SALE_COLUMNS} FROM sales WHERE till_id = ? AND sale_id = ?",
