@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
@@ -161,6 +162,8 @@ def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
                          "by_state": stats.tsms},
             },
             "devices": {device.name: device.status() for device in ctx.devices},
+            "offline_budget": None if (budget := desk.budget()) is None else dataclasses.asdict(budget),
+            "clock": None if ctx.clock_guard is None else ctx.clock_guard.status(),
         }
         return JSONResponse(body)
 

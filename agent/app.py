@@ -33,6 +33,7 @@ from agent.kra.lane import KraLane, LaneSettings
 from agent.kra.payloads import Seller as PayloadSeller
 from agent.lock import DataDirLock
 from agent.logs import get_logger
+from agent.policy import BudgetSettings, ClockGuard, ClockSettings
 from agent.queue.kra_store import KraStore
 from agent.queue.outbox import Outbox
 from agent.queue.tsms_store import TsmsStore
@@ -149,7 +150,7 @@ def uses_builtin_simulator(cfg: Config) -> bool:
     return cfg.kra.environment == "simulator" and not cfg.kra.base_url
 
 
-def build_kra(cfg: Config, outbox: Outbox, clock: Clock) -> KraParts | None:
+def build_kra(cfg: Config, outbox: Outbox, clock: Clock, guard: ClockGuard | None = None) -> KraParts | None:
     """The KRA lane for this device, or None (with a warning) while the device is not initialised."""
     store = KraStore(outbox)
     simulator = None
@@ -180,7 +181,7 @@ def build_kra(cfg: Config, outbox: Outbox, clock: Clock) -> KraParts | None:
     lane = KraLane(store, client,
                    PayloadSeller(cfg.kra.tin, cfg.kra.branch_id, cfg.kra.user_id, cfg.kra.user_name), clock,
                    LaneSettings(backoff_base_s=cfg.kra.backoff_base_s, backoff_max_s=cfg.kra.backoff_max_s,
-                                origin_country=cfg.kra.origin_country))
+                                origin_country=cfg.kra.origin_country), clock_guard=guard)
     seller = _seller(cfg, outbox)
     assert seller is not None  # the identity was found above
     return KraParts(lane=lane, client=client, seller=seller, simulator=simulator)
@@ -284,7 +285,7 @@ class TsmsParts:
     simulator: Any = None  # the built-in simulator, when tsms.environment is "simulator"
 
 
-def build_tsms(cfg: Config, outbox: Outbox, clock: Clock) -> TsmsParts | None:
+def build_tsms(cfg: Config, outbox: Outbox, clock: Clock, guard: ClockGuard | None = None) -> TsmsParts | None:
     """The head-office sync lane, or None when tsms.environment is off."""
     t = cfg.tsms
     if t.environment == "off":
@@ -308,7 +309,8 @@ def build_tsms(cfg: Config, outbox: Outbox, clock: Clock) -> TsmsParts | None:
     settings = SyncSettings(tenant_id=t.tenant_id, terminal_id=t.terminal_id, serial_number=t.hardware_id,
                             batch_size=t.batch_size, max_body_bytes=t.max_body_bytes, interval_s=t.sync_interval_s,
                             backoff_base_s=t.backoff_base_s, backoff_max_s=t.backoff_max_s)
-    lane = TsmsLane(TsmsStore(outbox), client, StoredCredentials(secrets, api_key), terminal, settings, clock)
+    lane = TsmsLane(TsmsStore(outbox), client, StoredCredentials(secrets, api_key), terminal, settings, clock,
+                    clock_guard=guard)
     return TsmsParts(lane=lane, client=client, terminal=terminal, simulator=simulator)
 
 
@@ -324,8 +326,12 @@ def run(cfg: Config, *, clock: Clock = system_clock,
         kra: KraParts | None = None
         tsms: TsmsParts | None = None
         try:
-            kra = build_kra(cfg, outbox, clock)
-            tsms = build_tsms(cfg, outbox, clock)
+            p = cfg.policy
+            guard = ClockGuard(ClockSettings(warn_s=p.clock_warn_s, refuse_s=p.clock_refuse_s))
+            kra = build_kra(cfg, outbox, clock, guard)
+            tsms = build_tsms(cfg, outbox, clock, guard)
+            budget = BudgetSettings(warn_after_h=p.offline_warn_after_h, limit_h=p.offline_limit_h,
+                                    count_limit=p.offline_count_limit, action=p.offline_action)
             codes = CodeLists(KraStore(outbox), kra.client if kra else None, clock, cfg.tax.default_rates)
             jobs: list[Job] = []
             if kra is not None:
@@ -347,7 +353,8 @@ def run(cfg: Config, *, clock: Clock = system_clock,
                              seller=kra.seller if kra else None, receipt_signer=receipt_signer(cfg),
                              tax_rates=codes.rates, refund_reasons=codes.reasons, jobs=tuple(jobs),
                              syncer=tsms.lane if tsms else None, on_shutdown=tuple(closers),
-                             devices=tuple(devices), on_answer=(printers.sale_answered,) if cfg.printers else ())
+                             devices=tuple(devices), on_answer=(printers.sale_answered,) if cfg.printers else (),
+                             budget=budget if kra else None, clock_guard=guard)
             app = create_app(ctx, till_token=cfg.http.till_token)
             sock = bind(cfg.http.host, cfg.http.port)
             host, port = sock.getsockname()[:2]

@@ -132,6 +132,16 @@ class PrinterSettings:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class PolicySettings:
+    offline_warn_after_h: float = 12.0  # warn once the oldest unsigned sale is this old
+    offline_limit_h: float = 48.0  # the offline budget is exhausted at this age...
+    offline_count_limit: int = 2000  # ...or this many unsigned sales
+    offline_action: str = "warn"  # when exhausted: warn (keep taking sales) or refuse (new sales)
+    clock_warn_s: float = 60.0  # clock offset from KRA/TSMS that is shown as a warning
+    clock_refuse_s: float = 600.0  # offset at which signing stops until the clock is fixed
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class SecretSettings:
     backend: str = "auto"  # auto: the platform keyring if there is one, else our encrypted file
 
@@ -153,6 +163,7 @@ class Config:
     tsms: TsmsSettings = field(default_factory=TsmsSettings)
     serial_ports: tuple[SerialPortSettings, ...] = ()
     printers: tuple[PrinterSettings, ...] = ()
+    policy: PolicySettings = field(default_factory=PolicySettings)
     secrets: SecretSettings = field(default_factory=SecretSettings)
     source: str = "built-in defaults"
     secrets_in_file: tuple[str, ...] = ()
@@ -206,6 +217,7 @@ def parse_config(
     serial_t = root.table("serial")
     secrets_t = root.table("secrets")
     printer_ts = root.tables("printers")
+    policy_t = root.table("policy")
     root.done()
 
     in_file: list[str] = []
@@ -244,6 +256,7 @@ def parse_config(
     serial_ports = tuple(_serial_port(t) for t in serial_t.tables("ports"))
     serial_t.done()
     printers = tuple(_printer(t) for t in printer_ts)
+    policy = _policy(policy_t)
     if tsms.api_key is not None:
         in_file.append("tsms.api_key")
     secrets = SecretSettings(backend=secrets_t.take("backend", _choice("auto", "keyring", "file"), "auto"))
@@ -273,6 +286,7 @@ def parse_config(
         tsms=tsms,
         serial_ports=serial_ports,
         printers=printers,
+        policy=policy,
         secrets=secrets,
         source=source,
         secrets_in_file=tuple(in_file),
@@ -361,6 +375,25 @@ def _serial_port(t: _Table) -> SerialPortSettings:
     )
     t.done()
     return port
+
+
+def _policy(t: _Table) -> PolicySettings:
+    policy = PolicySettings(
+        offline_warn_after_h=t.take("offline_warn_after_h", _seconds(0.01, 24 * 365, "hours"), 12.0),
+        offline_limit_h=t.take("offline_limit_h", _seconds(0.01, 24 * 365, "hours"), 48.0),
+        offline_count_limit=t.take("offline_count_limit", _int(1, 10_000_000), 2000),
+        offline_action=t.take("offline_action", _choice("warn", "refuse"), "warn"),
+        clock_warn_s=t.take("clock_warn_s", _seconds(1, 86400), 60.0),
+        clock_refuse_s=t.take("clock_refuse_s", _seconds(1, 86400 * 365), 600.0),
+    )
+    t.done()
+    if policy.offline_warn_after_h > policy.offline_limit_h:
+        raise ConfigError(t.key("offline_warn_after_h"), "is after offline_limit_h",
+                          "warn before the limit (e.g. 12 and 48)", source=t.source)
+    if policy.clock_warn_s > policy.clock_refuse_s:
+        raise ConfigError(t.key("clock_warn_s"), "is above clock_refuse_s", "warn before refusing (e.g. 60 and 600)",
+                          source=t.source)
+    return policy
 
 
 def _printer(t: _Table) -> PrinterSettings:

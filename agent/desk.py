@@ -19,6 +19,7 @@ from agent.clock import Clock
 from agent.credit_notes import REFUND_REASONS, Original, credited_quantities, prepare_credit_note
 from agent.errors import InvalidSale, SaleConflict
 from agent.intake import IntakeRules, prepare
+from agent.policy import Budget, BudgetSettings, ClockGuard, offline_budget
 from agent.queue.outbox import NewSale, Outbox, SaleRecord
 from agent.receipt_signing import ReceiptSigner
 from agent.receipts import Seller, receipt_chain, sale_status, sale_view
@@ -76,6 +77,8 @@ class ApiContext:
     jobs: tuple[Job, ...] = ()  # periodic work, run while the app serves
     syncer: Syncer | None = None  # the TSMS lane
     devices: tuple[Device, ...] = ()  # serial intake, printers
+    budget: BudgetSettings | None = None  # the offline budget (None: no KRA lane, no budget)
+    clock_guard: ClockGuard | None = None
     on_answer: tuple[Callable[[int, str], None], ...] = ()  # (sale id, receipt kind) once a till has its answer
     on_shutdown: tuple[Callable[[], Awaitable[None]], ...] = ()
 
@@ -95,13 +98,37 @@ class SaleDesk:
         self._ctx = ctx
         self.outbox = ctx.outbox
         self._rules = ctx.rules  # rebuilt only when the code-list refresh hands over new rates
+        self._budget: tuple[datetime, Budget] | None = None  # computed at most once a second
+
+    def budget(self) -> Budget | None:
+        """The offline budget now (None without a KRA lane)."""
+        ctx = self._ctx
+        if ctx.budget is None:
+            return None
+        now = ctx.clock()
+        if self._budget is None or (now - self._budget[0]).total_seconds() >= 1.0:
+            unsigned, oldest = ctx.outbox.unsigned()
+            self._budget = (now, offline_budget(ctx.budget, unsigned, oldest, now))
+        return self._budget[1]
 
     async def sale(self, data: object) -> Answer:
         try:
             new = prepare(data, self._current_rules())
         except InvalidSale as exc:
             return Answer(422, error_body(exc.code, exc.message, exc.field))
-        return await self._store(new)
+        refusal = self._refusal(new)
+        return refusal or await self._store(new)
+
+    def _refusal(self, new: NewSale) -> Answer | None:
+        """Once the offline budget is exhausted and the shop chose `refuse`: no new sale (a replay of
+        one already taken is still answered)."""
+        ctx = self._ctx
+        budget = self.budget()
+        if budget is None or budget.level != "exhausted" or ctx.budget is None or ctx.budget.action != "refuse":
+            return None
+        if ctx.outbox.get(new.till_id, new.sale_id) is not None:
+            return None
+        return Answer(503, error_body("offline_budget_exhausted", str(budget.message)))
 
     async def credit_note(self, original: SaleRecord, data: object) -> Answer:
         ctx = self._ctx
@@ -123,7 +150,11 @@ class SaleDesk:
         if record.kra_signature is None and ctx.receipt_signer is not None:
             entry = entry or ctx.outbox.accepted_entry(record.id)
             chain = None if entry is None else receipt_chain(record, entry, ctx.receipt_signer)
-        return sale_view(record, ctx.seller, original=original, chain=chain)
+        view = sale_view(record, ctx.seller, original=original, chain=chain)
+        budget = self.budget() if record.kra_signature is None else None
+        if budget is not None and budget.message:
+            view["receipt"]["offline_warning"] = budget.message  # printed on the temporary receipt
+        return view
 
     async def _store(self, new: NewSale) -> Answer:
         """Commit a sale or credit note, then wait a short budget for KRA's signature."""

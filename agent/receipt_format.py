@@ -140,6 +140,7 @@ def _header(view: Mapping[str, Any], width: int, copy: bool) -> list[Line]:
         lines.append(_centre("*** COPY ***", width, "title"))
     if receipt.get("kind") != "signed":
         lines += [Line(text) for text in _wrap(_text(receipt.get("notice")), width)]
+        lines += [Line(text, "strong") for text in _wrap(_text(receipt.get("offline_warning")), width)]
     return lines
 
 

@@ -16,6 +16,7 @@ from agent.kra.device import initialise
 from agent.kra.lane import KraLane, LaneSettings
 from agent.kra.payloads import Seller as PayloadSeller
 from agent.kra.simulator import Simulator
+from agent.policy import BudgetSettings, ClockGuard
 from agent.queue.kra_store import KraStore
 from agent.queue.outbox import Outbox
 from agent.receipts import Seller
@@ -36,7 +37,8 @@ def init_key(sim: Simulator) -> tuple[Secret, str]:
     return asyncio.run(go())
 
 
-def kra_lane(outbox: Outbox, sim: Simulator, key: Secret, sdc_id: str, *, read_timeout: float = 2.0) -> KraLane:
+def kra_lane(outbox: Outbox, sim: Simulator, key: Secret, sdc_id: str, *, read_timeout: float = 2.0,
+             guard: ClockGuard | None = None) -> KraLane:
     """The KRA lane of an agent on `outbox`, talking to `sim` (its client closes with the lane's app)."""
     store = KraStore(outbox)
     if store.device() is None:
@@ -45,16 +47,17 @@ def kra_lane(outbox: Outbox, sim: Simulator, key: Secret, sdc_id: str, *, read_t
     client = KraClient(sim.api_url, tin=TIN, bhf_id=BHF, cmc_key=key, connect_timeout=1.0,
                        read_timeout=read_timeout)
     return KraLane(store, client, PayloadSeller(TIN, BHF), system_clock,
-                   LaneSettings(backoff_base_s=0.05, backoff_max_s=0.4))
+                   LaneSettings(backoff_base_s=0.05, backoff_max_s=0.4), clock_guard=guard)
 
 
 def agent_client(db_path: Path, sim: Simulator, key: Secret, sdc_id: str, *, budget: float = 2.0,
-                 read_timeout: float = 2.0) -> tuple[TestClient, Outbox]:
+                 read_timeout: float = 2.0, offline: BudgetSettings | None = None,
+                 guard: ClockGuard | None = None) -> tuple[TestClient, Outbox]:
     """A till API whose KRA lane talks to `sim`; use as a context manager to run the lane."""
     outbox = Outbox.open(db_path)
-    lane = kra_lane(outbox, sim, key, sdc_id, read_timeout=read_timeout)
+    lane = kra_lane(outbox, sim, key, sdc_id, read_timeout=read_timeout, guard=guard)
     ctx = ApiContext(outbox=outbox, rules=RULES, clock=system_clock, max_body_bytes=1_048_576,
                      started_at=system_clock(), signer=lane, sign_budget_s=budget,
                      seller=Seller(tin=TIN, bhf_id=BHF, sdc_id=sdc_id, environment="sandbox"),
-                     on_shutdown=(lane.close,))
+                     on_shutdown=(lane.close,), budget=offline, clock_guard=guard)
     return TestClient(create_app(ctx)), outbox

@@ -22,8 +22,9 @@ from agent.clock import Clock
 from agent.jsonwire import wire_json
 from agent.kra.client import KraClient, KraReply
 from agent.kra.codes import Outcome, describe, expected_invoice_number
-from agent.kra.payloads import CreditNoteRef, Seller, item_request, sale_request
+from agent.kra.payloads import CreditNoteRef, Seller, item_request, parse_kra_datetime, sale_request
 from agent.logs import get_logger
+from agent.policy import ClockGuard
 from agent.signing import KraWork, backoff
 
 log = get_logger("agent.kra.lane")
@@ -65,7 +66,7 @@ def signature_from(data: dict[str, Any]) -> dict[str, Any]:
 class KraLane:
     def __init__(self, store: LaneStore, client: KraClient, seller: Seller, clock: Clock,
                  settings: LaneSettings = LaneSettings(), rand: random.Random | None = None,
-                 timer: Callable[[], float] = time.perf_counter) -> None:
+                 timer: Callable[[], float] = time.perf_counter, clock_guard: ClockGuard | None = None) -> None:
         self._store = store
         self._client = client
         self._seller = seller
@@ -75,6 +76,7 @@ class KraLane:
         self._wake = asyncio.Event()
         self._settled: dict[int, asyncio.Event] = {}
         self._timer = timer
+        self._guard = clock_guard
         self.round_trip_s: float | None = None  # moving average of KRA's answer time to a sale
         self.online: bool | None = None  # None until the first answer (or failure) says
         self.last_error: str | None = None
@@ -139,6 +141,10 @@ class KraLane:
 
     async def _step(self, work: KraWork) -> None:
         if work.state == "queued":
+            stop = self._clock_stop()
+            if stop is not None:  # a new invoice would carry a wrong time: wait until the clock is fixed
+                self._store.defer(work.id, "queued", self._clock() + timedelta(seconds=5), stop)
+                return
             if work.kind == "credit_note" and work.original_invc_no is None:
                 # The original is ahead in the lane, so it was refused (parked), never signed.
                 self._park(work, "original", "the sale this credit note refunds was refused by KRA and has no "
@@ -188,6 +194,7 @@ class KraLane:
             reply = await self._client.save_sale(request)
             if reply.code.isdigit():  # KRA answered; a refused connection says nothing of its speed
                 self._note_round_trip(self._timer() - started)
+                self._note_clock(reply.result_dt)
             if reply.ok:
                 self._store.signed(work.id, signature_from(reply.data or {}), self._clock(), adopted=False)
                 self._set_online(True)
@@ -251,6 +258,25 @@ class KraLane:
         event = self._settled.pop(sale_ref, None)
         if event is not None:
             event.set()
+
+    def _note_clock(self, result_dt: str | None) -> None:
+        server = parse_kra_datetime(result_dt)
+        if self._guard is not None and server is not None:
+            now = self._clock()
+            self._guard.note("kra", (server - now).total_seconds(), now)
+
+    def _clock_stop(self) -> str | None:
+        if self._guard is None:
+            return None
+        level, message = self._guard.verdict()
+        if level != "refuse":
+            if self.last_error and self.last_error.startswith("clock:"):
+                self.last_error = None
+            return None
+        if self.last_error != f"clock: {message}":
+            log.error("kra_signing_stopped", reason=message)
+        self.last_error = f"clock: {message}"
+        return self.last_error
 
     def _note_round_trip(self, seconds: float) -> None:
         previous = self.round_trip_s

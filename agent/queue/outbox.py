@@ -289,6 +289,14 @@ class Outbox:
 
     # --- reads ------------------------------------------------------------------------------
 
+    def unsigned(self) -> tuple[int, datetime | None]:
+        """How many sales wait for KRA, and when the first of them was accepted (from the lane's index)."""
+        with self._read() as conn:
+            count, first = conn.execute(
+                f"SELECT count(*), (SELECT accepted_at FROM sales WHERE {kra_pending()} ORDER BY id LIMIT 1) "
+                f"FROM sales WHERE {kra_pending()}").fetchone()
+        return int(count), _time(first)
+
     def prints_of(self, sale_ref: int, kind: str) -> int:
         """How often the sale's receipt of this kind has been printed or rendered."""
         with self._read() as conn:

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 from agent.jsonwire import wire_json
 from agent.logs import get_logger
+from agent.policy import ClockGuard
 from agent.queue.tsms_store import PendingVoid, Submission, TsmsStore
 from agent.secret import Secret
 from agent.signing import backoff
@@ -91,10 +92,12 @@ def head_office_builder(terminal: Terminal, new_id: Callable[[], str] = lambda: 
 
 class TsmsLane:
     def __init__(self, store: TsmsStore, client: TsmsClient, credentials: Credentials, terminal: Terminal,
-                 settings: SyncSettings, clock: Callable[[], datetime], rand: random.Random | None = None) -> None:
+                 settings: SyncSettings, clock: Callable[[], datetime], rand: random.Random | None = None,
+                 clock_guard: ClockGuard | None = None) -> None:
         self._store, self._client, self._credentials = store, client, credentials
         self._terminal, self._settings, self._clock = terminal, settings, clock
         self._rand = rand or random.Random()
+        self._guard = clock_guard
         self._build = head_office_builder(terminal)
         self._wake = asyncio.Event()
         self._limit = settings.batch_size  # lowered after a 413/422 on a batch, grows back on success
@@ -307,6 +310,8 @@ class TsmsLane:
                 server = datetime.fromisoformat(server_time.replace("Z", "+00:00"))
                 midpoint = sent + (received - sent) / 2
                 self.clock_offset_s = round((server - midpoint) / timedelta(seconds=1), 3)
+                if self._guard is not None:
+                    self._guard.note("tsms", self.clock_offset_s, received)
 
     def _set(self, state: str, detail: str | None) -> None:
         if state != self.state:
