@@ -127,13 +127,13 @@ def test_rejected_sale_is_set_aside_and_the_rest_arrive(sim: Simulator, db_path:
     """A batch the server refuses is halved until the bad sale is alone; it is set aside with the
     server's words, and every other sale arrives."""
     client, outbox, _ = sync_agent(db_path, sim, batch_size=10)
+    post_many(client, 6)  # outside `with`: the lanes are not running yet
+    bad = outbox.get("TILL-1", "S-3")
+    assert bad is not None
+    conn = outbox._conn  # spoil one stored transaction, as a bug in an older version might have
+    conn.execute("UPDATE sales SET tsms_transaction = replace(tsms_transaction, '\"NONE\"', '\"\"') WHERE id = ?",
+                 (bad.id,))
     with client:
-        post_many(client, 6)
-        bad = outbox.get("TILL-1", "S-3")
-        assert bad is not None
-        conn = outbox._conn  # spoil one stored transaction, as a bug in an older version might have
-        conn.execute("UPDATE sales SET tsms_transaction = replace(tsms_transaction, '\"NONE\"', '\"\"') WHERE id = ?",
-                     (bad.id,))
         wait_for(lambda: all(s.tsms_state in ("synced", "rejected") for s in outbox.all_sales()))
     states = {s.sale_id: s.tsms_state for s in outbox.all_sales()}
     assert states.pop("S-3") == "rejected"
