@@ -26,6 +26,7 @@ from agent import __version__
 from agent.desk import Answer, ApiContext, SaleDesk, Signer, Syncer
 from agent.errors import StorageError
 from agent.logs import get_logger
+from agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from agent.openapi import openapi_document
 from agent.queue.outbox import SaleRecord
 from agent.receipt_format import MEDIA_TYPES, WIDTHS, render
@@ -61,6 +62,8 @@ async def _body(request: Request, limit: int) -> bytes:
 
 def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
     desk = SaleDesk(ctx)
+    if ctx.metrics is not None:
+        ctx.metrics.bind_lanes(lambda: {"kra": _kra_lane_state(ctx.signer), "tsms": _tsms_lane_state(ctx.syncer)})
 
     def answer(result: Answer) -> Response:
         return JSONResponse(result.body, status_code=result.status)
@@ -139,6 +142,12 @@ def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
         if isinstance(record, Response):
             return record
         return JSONResponse(desk.view(record))
+
+    async def metrics(request: Request) -> Response:
+        if ctx.metrics is None:
+            return error(404, "not_found", "metrics are not enabled in this agent")
+        body = await run_in_threadpool(ctx.metrics.render)
+        return Response(body, media_type=METRICS_CONTENT_TYPE)
 
     async def status(request: Request) -> Response:
         stats = await run_in_threadpool(ctx.outbox.stats)
@@ -231,6 +240,7 @@ def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
             Route("/v1/sales/{sale_id:path}", get_sale, methods=["GET"]),
             Route("/v1/status", status, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
             Route("/openapi.json", openapi, methods=["GET"]),
         ],
         exception_handlers=handlers,

@@ -33,6 +33,7 @@ from agent.kra.lane import KraLane, LaneSettings
 from agent.kra.payloads import Seller as PayloadSeller
 from agent.lock import DataDirLock
 from agent.logs import get_logger
+from agent.metrics import Metrics
 from agent.policy import BudgetSettings, ClockGuard, ClockSettings
 from agent.queue.kra_store import KraStore
 from agent.queue.outbox import Outbox
@@ -150,7 +151,8 @@ def uses_builtin_simulator(cfg: Config) -> bool:
     return cfg.kra.environment == "simulator" and not cfg.kra.base_url
 
 
-def build_kra(cfg: Config, outbox: Outbox, clock: Clock, guard: ClockGuard | None = None) -> KraParts | None:
+def build_kra(cfg: Config, outbox: Outbox, clock: Clock, guard: ClockGuard | None = None,
+              metrics: Metrics | None = None) -> KraParts | None:
     """The KRA lane for this device, or None (with a warning) while the device is not initialised."""
     store = KraStore(outbox)
     simulator = None
@@ -181,7 +183,8 @@ def build_kra(cfg: Config, outbox: Outbox, clock: Clock, guard: ClockGuard | Non
     lane = KraLane(store, client,
                    PayloadSeller(cfg.kra.tin, cfg.kra.branch_id, cfg.kra.user_id, cfg.kra.user_name), clock,
                    LaneSettings(backoff_base_s=cfg.kra.backoff_base_s, backoff_max_s=cfg.kra.backoff_max_s,
-                                origin_country=cfg.kra.origin_country), clock_guard=guard)
+                                origin_country=cfg.kra.origin_country), clock_guard=guard,
+                   on_round_trip=metrics.kra_round_trip.observe if metrics else None)
     seller = _seller(cfg, outbox)
     assert seller is not None  # the identity was found above
     return KraParts(lane=lane, client=client, seller=seller, simulator=simulator)
@@ -328,7 +331,8 @@ def run(cfg: Config, *, clock: Clock = system_clock,
         try:
             p = cfg.policy
             guard = ClockGuard(ClockSettings(warn_s=p.clock_warn_s, refuse_s=p.clock_refuse_s))
-            kra = build_kra(cfg, outbox, clock, guard)
+            metrics = Metrics(outbox, clock)
+            kra = build_kra(cfg, outbox, clock, guard, metrics)
             tsms = build_tsms(cfg, outbox, clock, guard)
             budget = BudgetSettings(warn_after_h=p.offline_warn_after_h, limit_h=p.offline_limit_h,
                                     count_limit=p.offline_count_limit, action=p.offline_action)
@@ -354,7 +358,7 @@ def run(cfg: Config, *, clock: Clock = system_clock,
                              tax_rates=codes.rates, refund_reasons=codes.reasons, jobs=tuple(jobs),
                              syncer=tsms.lane if tsms else None, on_shutdown=tuple(closers),
                              devices=tuple(devices), on_answer=(printers.sale_answered,) if cfg.printers else (),
-                             budget=budget if kra else None, clock_guard=guard)
+                             budget=budget if kra else None, clock_guard=guard, metrics=metrics)
             app = create_app(ctx, till_token=cfg.http.till_token)
             sock = bind(cfg.http.host, cfg.http.port)
             host, port = sock.getsockname()[:2]

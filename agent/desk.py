@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,6 +20,7 @@ from agent.clock import Clock
 from agent.credit_notes import REFUND_REASONS, Original, credited_quantities, prepare_credit_note
 from agent.errors import InvalidSale, SaleConflict
 from agent.intake import IntakeRules, prepare
+from agent.metrics import Metrics
 from agent.policy import Budget, BudgetSettings, ClockGuard, offline_budget
 from agent.queue.outbox import NewSale, Outbox, SaleRecord
 from agent.receipt_signing import ReceiptSigner
@@ -78,6 +80,7 @@ class ApiContext:
     syncer: Syncer | None = None  # the TSMS lane
     devices: tuple[Device, ...] = ()  # serial intake, printers
     budget: BudgetSettings | None = None  # the offline budget (None: no KRA lane, no budget)
+    metrics: Metrics | None = None
     clock_guard: ClockGuard | None = None
     on_answer: tuple[Callable[[int, str], None], ...] = ()  # (sale id, receipt kind) once a till has its answer
     on_shutdown: tuple[Callable[[], Awaitable[None]], ...] = ()
@@ -112,12 +115,15 @@ class SaleDesk:
         return self._budget[1]
 
     async def sale(self, data: object) -> Answer:
+        started = time.perf_counter()
         try:
             new = prepare(data, self._current_rules())
         except InvalidSale as exc:
             return Answer(422, error_body(exc.code, exc.message, exc.field))
-        refusal = self._refusal(new)
-        return refusal or await self._store(new)
+        answer = self._refusal(new) or await self._store(new)
+        if self._ctx.metrics is not None:
+            self._ctx.metrics.intake_latency.observe(time.perf_counter() - started)
+        return answer
 
     def _refusal(self, new: NewSale) -> Answer | None:
         """Once the offline budget is exhausted and the shop chose `refuse`: no new sale (a replay of

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 from conftest import RULES
@@ -38,7 +39,7 @@ def init_key(sim: Simulator) -> tuple[Secret, str]:
 
 
 def kra_lane(outbox: Outbox, sim: Simulator, key: Secret, sdc_id: str, *, read_timeout: float = 2.0,
-             guard: ClockGuard | None = None) -> KraLane:
+             guard: ClockGuard | None = None, on_round_trip: Callable[[float], None] | None = None) -> KraLane:
     """The KRA lane of an agent on `outbox`, talking to `sim` (its client closes with the lane's app)."""
     store = KraStore(outbox)
     if store.device() is None:
@@ -47,7 +48,8 @@ def kra_lane(outbox: Outbox, sim: Simulator, key: Secret, sdc_id: str, *, read_t
     client = KraClient(sim.api_url, tin=TIN, bhf_id=BHF, cmc_key=key, connect_timeout=1.0,
                        read_timeout=read_timeout)
     return KraLane(store, client, PayloadSeller(TIN, BHF), system_clock,
-                   LaneSettings(backoff_base_s=0.05, backoff_max_s=0.4), clock_guard=guard)
+                   LaneSettings(backoff_base_s=0.05, backoff_max_s=0.4), clock_guard=guard,
+                   on_round_trip=on_round_trip)
 
 
 def agent_client(db_path: Path, sim: Simulator, key: Secret, sdc_id: str, *, budget: float = 2.0,

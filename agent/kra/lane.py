@@ -66,7 +66,8 @@ def signature_from(data: dict[str, Any]) -> dict[str, Any]:
 class KraLane:
     def __init__(self, store: LaneStore, client: KraClient, seller: Seller, clock: Clock,
                  settings: LaneSettings = LaneSettings(), rand: random.Random | None = None,
-                 timer: Callable[[], float] = time.perf_counter, clock_guard: ClockGuard | None = None) -> None:
+                 timer: Callable[[], float] = time.perf_counter, clock_guard: ClockGuard | None = None,
+                 on_round_trip: Callable[[float], None] | None = None) -> None:
         self._store = store
         self._client = client
         self._seller = seller
@@ -77,6 +78,7 @@ class KraLane:
         self._settled: dict[int, asyncio.Event] = {}
         self._timer = timer
         self._guard = clock_guard
+        self._on_round_trip = on_round_trip  # the metrics histogram
         self.round_trip_s: float | None = None  # moving average of KRA's answer time to a sale
         self.online: bool | None = None  # None until the first answer (or failure) says
         self.last_error: str | None = None
@@ -279,6 +281,8 @@ class KraLane:
         return self.last_error
 
     def _note_round_trip(self, seconds: float) -> None:
+        if self._on_round_trip is not None:
+            self._on_round_trip(seconds)
         previous = self.round_trip_s
         self.round_trip_s = seconds if previous is None else 0.8 * previous + 0.2 * seconds
 
