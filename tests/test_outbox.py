@@ -256,3 +256,17 @@ class TestStats:
         # 2 x 58.00 = 116.00 (band B) + 1.5 x 40.00 - 5.00 = 55.00 (band A)
         assert str(new.total) == "171.00"
         assert '"sale_id":"R-0001"' in new.sale_json
+
+
+def test_allocate_refuses_a_sale_parked_meanwhile(outbox: Outbox, clock: FakeClock) -> None:
+    """A technician parks the head sale while the lane registers its items: no number is taken."""
+    store(outbox, clock, 2)
+    kra = KraStore(outbox)
+    head = kra.next_work()
+    assert head is not None
+    kra.park(head.id, "operator", "wrong price", clock(), release=False)
+    assert kra.allocate(head.id, lambda n: f"request {n}", clock()) is None
+    following = kra.next_work()
+    assert following is not None and following.id != head.id
+    assert kra.allocate(following.id, lambda n: f"request {n}", clock()) == (1, "request 1")  # number 1 unused
+    assert outbox.verify() == []

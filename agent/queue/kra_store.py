@@ -32,6 +32,10 @@ def _work(row: tuple[Any, ...]) -> KraWork:
                    original_invc_no=original_invc_no, refund_reason=refund_reason)
 
 
+class _NotQueued(Exception):
+    pass
+
+
 class KraStore:
     def __init__(self, outbox: Outbox) -> None:
         self._box = outbox
@@ -60,22 +64,30 @@ class KraStore:
             count: int = conn.execute(f"SELECT count(*) FROM sales WHERE {kra_pending()}").fetchone()[0]
         return count
 
-    def allocate(self, sale_ref: int, build: Callable[[int], str], now: datetime) -> tuple[int, str]:
-        """Give the sale the next invoice number and store the exact request, before any send."""
+    def allocate(self, sale_ref: int, build: Callable[[int], str], now: datetime) -> tuple[int, str] | None:
+        """Give the sale the next invoice number and store the exact request, before any send.
+
+        None (and nothing changed, the number handed back) if the sale is no longer queued: a
+        technician parked it while the lane was registering its items."""
         at = timestamp(now)
-        with self._box._write() as conn:
-            invc_no = conn.execute(
-                "UPDATE counters SET value = value + 1 WHERE name = 'invc_no' RETURNING value"
-            ).fetchone()[0]
-            request = build(invc_no)
-            conn.execute(
-                "UPDATE sales SET kra_state = 'in_flight', kra_invc_no = ?, kra_request = ?, "
-                "kra_next_attempt_at = NULL, kra_error = NULL WHERE id = ? AND kra_state = 'queued'",
-                (invc_no, request, sale_ref),
-            )
-            self._box._journal(conn, at, "sent", sale_ref, {
-                "invc_no": invc_no, "request_sha256": hashlib.sha256(request.encode()).hexdigest(),
-            })
+        try:
+            with self._box._write() as conn:
+                invc_no = conn.execute(
+                    "UPDATE counters SET value = value + 1 WHERE name = 'invc_no' RETURNING value"
+                ).fetchone()[0]
+                request = build(invc_no)
+                moved = conn.execute(
+                    "UPDATE sales SET kra_state = 'in_flight', kra_invc_no = ?, kra_request = ?, "
+                    "kra_next_attempt_at = NULL, kra_error = NULL WHERE id = ? AND kra_state = 'queued'",
+                    (invc_no, request, sale_ref),
+                ).rowcount
+                if moved != 1:
+                    raise _NotQueued  # rolls the counter back with everything else
+                self._box._journal(conn, at, "sent", sale_ref, {
+                    "invc_no": invc_no, "request_sha256": hashlib.sha256(request.encode()).hexdigest(),
+                })
+        except _NotQueued:
+            return None
         return invc_no, request
 
     def renumber(self, sale_ref: int, invc_no: int, build: Callable[[int], str], now: datetime) -> str:
