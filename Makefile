@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+BUILD_STAMP := $(VENV)/.build-stamp
 
-.PHONY: run test test-fast bench lint clean
+.PHONY: run test test-fast bench lint clean dist smoke
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed")'
@@ -28,6 +29,23 @@ test-fast: $(STAMP)
 ## bench: throughput and latency of durable intake against bare SQLite
 bench: $(STAMP)
 	$(BIN)/python bench/ingest.py
+
+## dist: the one-file binary dist/etims-agent (PyInstaller, installer/etims-agent.spec), rebuilt every time
+$(BUILD_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[build]'
+	@touch $(BUILD_STAMP)
+
+dist: $(BUILD_STAMP)
+	$(BIN)/pyinstaller --noconfirm --clean --log-level WARN \
+		--distpath dist --workpath build/pyinstaller installer/etims-agent.spec
+	@ls -l dist/etims-agent
+
+## smoke: build, then run the binary (a sale signed and synced, clean SIGTERM), plainly and under the
+## service unit's seccomp filters (installer/linux/hardened-exec.py: MemoryDenyWriteExecute,
+## RestrictAddressFamilies, SystemCallFilter)
+smoke: dist
+	bash installer/smoke.sh dist/etims-agent
+	SMOKE_WRAPPER="$(PYTHON) installer/linux/hardened-exec.py" bash installer/smoke.sh dist/etims-agent
 
 lint: $(STAMP)
 	$(BIN)/ruff check agent tests bench
