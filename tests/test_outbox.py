@@ -270,3 +270,28 @@ def test_allocate_refuses_a_sale_parked_meanwhile(outbox: Outbox, clock: FakeClo
     assert following is not None and following.id != head.id
     assert kra.allocate(following.id, lambda n: f"request {n}", clock()) == (1, "request 1")  # number 1 unused
     assert outbox.verify() == []
+
+
+def test_verify_reports_invoice_number_gaps(db_path: Path, clock: FakeClock) -> None:
+    """verify lists KRA invoice numbers no sale holds; numbers a strict KRA told us to skip are not gaps."""
+    box = Outbox.open(db_path)
+    store(box, clock, 3)
+    kra = KraStore(box)
+    for _ in range(3):
+        head = kra.next_work()
+        assert head is not None
+        allocated = kra.allocate(head.id, lambda n: f"request {n}", clock())
+        assert allocated is not None
+        kra.signed(head.id, {"rcptSign": "X"}, clock(), adopted=False)
+    assert box.verify() == []
+    box.close()
+    conn = sqlite3.connect(db_path)
+    conn.execute("UPDATE sales SET kra_invc_no = 5 WHERE kra_invc_no = 3")  # as if 3 and 4 were lost
+    conn.commit()
+    conn.close()
+    box = Outbox.open(db_path, readonly=True)
+    try:
+        problems = box.verify()
+    finally:
+        box.close()
+    assert any("KRA invoice numbers with no sale here: 3, 4 (2)" in p for p in problems), problems

@@ -394,7 +394,28 @@ class Outbox:
         numbers = sorted(s.receipt_no for s in sales)
         if numbers != list(range(1, len(numbers) + 1)):
             problems.append("local receipt numbers are not a gap-free sequence from 1")
+        problems.extend(invoice_number_gaps(sales, entries))
         return problems
+
+
+def invoice_number_gaps(sales: list[SaleRecord], entries: list[JournalEntry]) -> list[str]:
+    """KRA invoice numbers from 1 to the highest held that no sale holds, except the ones a strict
+    KRA told us to skip (journalled as `renumbered`: another system on the same PIN used them)."""
+    held = sorted(s.kra_invc_no for s in sales if s.kra_invc_no is not None)
+    if not held:
+        return []
+    explained: set[int] = set()
+    for entry in entries:
+        if entry.event == "renumbered":
+            moved = json.loads(entry.detail)
+            if isinstance(moved.get("from"), int) and isinstance(moved.get("to"), int):
+                explained.update(range(moved["from"], moved["to"]))
+    missing = sorted(set(range(1, held[-1] + 1)) - set(held) - explained)
+    if not missing:
+        return []
+    shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
+    return [f"KRA invoice numbers with no sale here: {shown} ({len(missing)}); compare with KRA "
+            "(selectInvoiceDetails) before anything else"]
 
 
 def _record(row: tuple[Any, ...]) -> SaleRecord:
