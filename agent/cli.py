@@ -77,7 +77,8 @@ def run_cmd(config: ConfigOption = None) -> None:
     """Run the agent in the foreground (stop with Ctrl-C or SIGTERM)."""
     with _errors():
         cfg = _load(config)
-        configure(cfg.log.level, cfg.log.format)
+        configure(cfg.log.level, cfg.log.format, file=cfg.log.file, max_bytes=cfg.log.max_bytes,
+                  backups=cfg.log.backups)
         run(cfg)
 
 
@@ -224,7 +225,8 @@ def init(what: Annotated[str, typer.Argument(help="kra (initialise the device wi
     """
     with _errors():
         cfg = _load(config)
-        configure(cfg.log.level, cfg.log.format)
+        configure(cfg.log.level, cfg.log.format, file=cfg.log.file, max_bytes=cfg.log.max_bytes,
+                  backups=cfg.log.backups)
         if what == "tsms":
             if api_key is None:
                 raise ConfigError("--api-key", "is required with tsms", "give the key, or - to read it from stdin")

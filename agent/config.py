@@ -150,6 +150,9 @@ class SecretSettings:
 class LogSettings:
     level: str = "info"
     format: str = "logfmt"
+    file: Path | None = None  # also write the log here, rotated (relative paths: to the config file)
+    max_bytes: int = 10 * 1024 * 1024
+    backups: int = 5
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -243,9 +246,13 @@ def parse_config(
     rates_t.done()
     tax_t.done()
 
+    log_file = log_t.take("file", _bounded_str(1000), "")
     log = LogSettings(
         level=log_t.take("level", _choice("debug", "info", "warning", "error"), "info"),
         format=log_t.take("format", _choice("logfmt", "json"), "logfmt"),
+        file=_path(base_dir)(log_file, log_t.key("file")) if log_file else None,
+        max_bytes=log_t.take("max_bytes", _int(64 * 1024, 1024 * 1024 * 1024), 10 * 1024 * 1024),
+        backups=log_t.take("backups", _int(1, 100), 5),
     )
     log_t.done()
 

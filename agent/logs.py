@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TextIO
 
 
@@ -73,12 +75,23 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(_fields(record), default=str, ensure_ascii=False)
 
 
-def configure(level: str = "info", fmt: str = "logfmt", stream: TextIO | None = None) -> None:
-    """Send every log line (ours and the libraries') to one stream in one format."""
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else LogfmtFormatter())
+def configure(level: str = "info", fmt: str = "logfmt", stream: TextIO | None = None, *,
+              file: Path | None = None, max_bytes: int = 10 * 1024 * 1024, backups: int = 5) -> None:
+    """Send every log line (ours and the libraries') to one stream in one format, and with `file`
+    also to that file, rotated at `max_bytes` keeping `backups` old files (so a till's disk is never
+    filled by logs; a service manager's journal gets the stream)."""
+    formatter = JsonFormatter() if fmt == "json" else LogfmtFormatter()
+    handlers: list[logging.Handler] = [logging.StreamHandler(stream or sys.stderr)]
+    if file is not None:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.handlers.RotatingFileHandler(file, maxBytes=max_bytes, backupCount=backups,
+                                                             encoding="utf-8"))
+    for handler in handlers:
+        handler.setFormatter(formatter)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    for old in root.handlers:
+        old.close()
+    root.handlers[:] = handlers
     root.setLevel(level.upper())
     # Library chatter (per-request lines) is not a state change; keep only its warnings.
     for noisy in ("uvicorn", "uvicorn.error", "uvicorn.access", "httpx", "apscheduler"):

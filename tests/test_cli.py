@@ -205,3 +205,26 @@ class TestSerialAndReceiptCommands:
         assert b"*** COPY ***" in data and b"TEMPORARY RECEIPT" in data
         missing = runner.invoke(app, ["receipt", "print", "NOPE", "--config", str(config)])
         assert missing.exit_code == 2 and "check the sale id" in missing.output
+
+
+def test_json_logs_go_to_a_rotated_file_too(tmp_path: Path) -> None:
+    """[log] file: JSON lines in a file that is rotated at max_bytes, keeping `backups` old files."""
+    import logging
+
+    from agent.logs import configure, get_logger
+
+    log_file = tmp_path / "logs" / "agent.log"
+    configure("info", "json", file=log_file, max_bytes=64 * 1024, backups=2)
+    try:
+        log = get_logger("agent.test")
+        for i in range(2000):
+            log.info("state_changed", n=i, detail="x" * 60)
+    finally:
+        for handler in logging.getLogger().handlers:
+            handler.close()
+        logging.getLogger().handlers[:] = []
+    files = sorted(p.name for p in log_file.parent.iterdir())
+    assert files == ["agent.log", "agent.log.1", "agent.log.2"]
+    assert all(p.stat().st_size <= 64 * 1024 for p in log_file.parent.iterdir())
+    last = json.loads(log_file.read_text().splitlines()[-1])
+    assert (last["event"], last["n"], last["level"]) == ("state_changed", 1999, "info")
