@@ -164,6 +164,11 @@ def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
             "lanes": {
                 "kra": {**_kra_lane_state(ctx.signer),
                         "backlog": backlog, "by_state": stats.kra,
+                        "round_trip_s": None if ctx.signer is None or ctx.signer.round_trip_s is None
+                        else round(ctx.signer.round_trip_s, 3),
+                        # one request in flight, so the backlog drains at one round trip per sale
+                        "drain_eta_s": None if ctx.signer is None or ctx.signer.round_trip_s is None
+                        else round(backlog * ctx.signer.round_trip_s, 1),
                         "oldest_unsigned_age_s": None if oldest is None
                         else round((now - oldest).total_seconds(), 3)},
                 "tsms": {**_tsms_lane_state(ctx.syncer),

@@ -85,7 +85,12 @@ def run_cmd(config: ConfigOption = None) -> None:
 @app.command()
 def status(config: ConfigOption = None,
            as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
-    """Show the outbox: sales by lane state and the oldest unsigned sale (works while running)."""
+    """Show the outbox (sales by lane state, oldest unsigned sale) and, when the agent is running, its
+    lanes, drain ETA, offline budget and clock offset.
+
+    Exit codes: 0, 2 configuration error, 4 no outbox.
+    Example: etims-agent status --config /etc/etims-agent/agent.toml
+    """
     with _errors():
         cfg = _load(config)
         outbox = Outbox.open(outbox_path(cfg.data_dir), readonly=True)
@@ -97,12 +102,43 @@ def status(config: ConfigOption = None,
             "data_dir": str(cfg.data_dir), "sales": stats.sales, "kra": stats.kra,
             "tsms": stats.tsms, "journal_entries": stats.journal_entries,
             "oldest_unsigned_at": stats.oldest_unsigned_at.isoformat() if stats.oldest_unsigned_at else None,
+            "agent": _running_agent(cfg),
         }
         if as_json:
             typer.echo(json.dumps(body, indent=2))
             return
+        agent = body.pop("agent")
         for key, value in body.items():
             typer.echo(f"{key:20} {value}")
+        if agent is None:
+            typer.echo(f"{'agent':20} not answering on {cfg.http.host}:{cfg.http.port} (stopped?)")
+            return
+        kra, tsms = agent["lanes"]["kra"], agent["lanes"]["tsms"]
+        budget, clock = agent.get("offline_budget") or {}, agent.get("clock") or {}
+        typer.echo(f"{'kra lane':20} {kra['state']}" + (f" ({kra['detail']})" if kra.get("detail") else "")
+                   + f", backlog {kra['backlog']}, drain ETA {kra.get('drain_eta_s')} s")
+        typer.echo(f"{'tsms lane':20} {tsms['state']}" + (f" ({tsms['detail']})" if tsms.get("detail") else "")
+                   + f", backlog {tsms['backlog']}, last sync {tsms.get('last_sync_at')}")
+        if budget:
+            typer.echo(f"{'offline budget':20} {budget['level']}, {budget['count_left']} sales left"
+                       + (f": {budget['message']}" if budget.get("message") else ""))
+        if clock:
+            typer.echo(f"{'clock offset':20} {clock.get('offset_s')} s ({clock.get('level')})")
+
+
+def _running_agent(cfg: Config) -> dict[str, Any] | None:
+    """The running agent's /v1/status (lanes, offline budget, clock), or None if it does not answer."""
+    import httpx
+
+    host = "127.0.0.1" if cfg.http.host in ("0.0.0.0", "::") else cfg.http.host
+    url = f"http://{f'[{host}]' if ':' in host else host}:{cfg.http.port}/v1/status"
+    headers = {"Authorization": f"Bearer {cfg.http.till_token.reveal()}"} if cfg.http.till_token else {}
+    try:
+        response = httpx.get(url, headers=headers, timeout=2.0)
+        body = response.json() if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+    return body if isinstance(body, dict) else None
 
 
 @app.command()

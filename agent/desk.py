@@ -33,6 +33,7 @@ class Signer(Protocol):
 
     online: bool | None
     last_error: str | None
+    round_trip_s: float | None
 
     def notify(self) -> None: ...
     def worth_waiting(self, budget_s: float) -> bool: ...
