@@ -9,7 +9,6 @@ means it may have (UNKNOWN).
 from __future__ import annotations
 
 import json
-import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +17,7 @@ import httpx
 from agent.jsonwire import wire_json
 from agent.kra.codes import Outcome, classify
 from agent.secret import Secret
+from agent.upstream import Upstream
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,18 +67,8 @@ class KraClient:
                  connect_timeout: float = 5.0, read_timeout: float = 30.0,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         self._tin, self._bhf_id, self._cmc_key = tin, bhf_id, cmc_key
-        self._base_url = base_url.rstrip("/")
-        self._timeout = {"connect": connect_timeout, "read": read_timeout, "write": read_timeout,
-                         "pool": connect_timeout}
-        # One connection pool, kept for the life of the device: keep-alive saves a TCP and TLS
-        # handshake per sale, which on a Kenyan mobile link costs more than the request itself.
-        # The transport is called directly: the lane needs none of AsyncClient's cookies, redirects
-        # or auth flows, and skipping them halves the client's CPU per request. TCP_NODELAY: a
-        # request written in two parts must not wait for a delayed ACK.
-        self._http = transport or httpx.AsyncHTTPTransport(
-            limits=httpx.Limits(max_connections=2, max_keepalive_connections=2),
-            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-        )
+        self._http = Upstream(base_url, connect_timeout=connect_timeout, read_timeout=read_timeout,
+                              transport=transport)
 
     def with_key(self, cmc_key: Secret) -> None:
         self._cmc_key = cmc_key
@@ -92,17 +82,11 @@ class KraClient:
         if device_headers:
             headers.update(tin=self._tin, bhfId=self._bhf_id,
                            cmcKey=self._cmc_key.reveal() if self._cmc_key else "")
-        request = httpx.Request("POST", f"{self._base_url}/{path}", content=content, headers=headers,
-                                extensions={"timeout": self._timeout})
         try:
-            response = await self._http.handle_async_request(request)
-            try:
-                answer = await response.aread()
-            finally:
-                await response.aclose()
+            answer = await self._http.post(f"/{path}", content, headers)
         except httpx.HTTPError as exc:
             return _transport_failure(exc)
-        return parse_reply(response.status_code, answer)
+        return parse_reply(answer.status, answer.body)
 
     # --- the endpoints the agent uses (kra-oscu.md §2) ----------------------------------------
 

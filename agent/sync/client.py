@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import enum
 import json
-import socket
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
 from agent.secret import Secret
+from agent.upstream import Upstream
 
 
 class Outcome(enum.Enum):
@@ -86,13 +86,8 @@ class TsmsClient:
 
     def __init__(self, base_url: str, *, connect_timeout: float = 5.0, read_timeout: float = 30.0,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
-        self._base_url = base_url.rstrip("/")
-        self._timeout = {"connect": connect_timeout, "read": read_timeout, "write": read_timeout,
-                         "pool": connect_timeout}
-        self._http = transport or httpx.AsyncHTTPTransport(
-            limits=httpx.Limits(max_connections=2, max_keepalive_connections=2),
-            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-        )
+        self._http = Upstream(base_url, connect_timeout=connect_timeout, read_timeout=read_timeout,
+                              transport=transport)
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -100,41 +95,35 @@ class TsmsClient:
     async def authenticate(self, serial_number: str, api_key: Secret) -> tuple[TsmsReply, Secret | None]:
         """POST /api/v1/auth/terminal; the bearer token on success."""
         body = json.dumps({"serial_number": serial_number, "api_key": api_key.reveal()}).encode()
-        reply = await self._call("POST", "/api/v1/auth/terminal", body, None)
+        reply = await self._call("/api/v1/auth/terminal", body, None)
         return reply, _token(reply)
 
     async def refresh(self, token: Secret) -> tuple[TsmsReply, Secret | None]:
         """POST /api/v1/auth/refresh: a new token; the server revokes every older one."""
-        reply = await self._call("POST", "/api/v1/auth/refresh", b"", token)
+        reply = await self._call("/api/v1/auth/refresh", b"", token)
         return reply, _token(reply)
 
     async def submit(self, body: bytes, token: Secret, request_id: str) -> TsmsReply:
-        return await self._call("POST", "/api/v1/transactions/official", body, token, request_id)
+        return await self._call("/api/v1/transactions/official", body, token, request_id)
 
     async def heartbeat(self, token: Secret) -> TsmsReply:
-        return await self._call("POST", "/api/v1/heartbeat", b"", token)
+        return await self._call("/api/v1/heartbeat", b"", token)
 
     async def void(self, transaction_id: str, body: bytes, token: Secret) -> TsmsReply:
-        return await self._call("POST", f"/api/v1/transactions/{transaction_id}/void", body, token)
+        return await self._call(f"/api/v1/transactions/{transaction_id}/void", body, token)
 
-    async def _call(self, method: str, path: str, body: bytes, token: Secret | None,
+    async def _call(self, path: str, body: bytes, token: Secret | None,
                     request_id: str | None = None) -> TsmsReply:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if token is not None:
             headers["Authorization"] = f"Bearer {token.reveal()}"
         if request_id:
             headers["X-Request-Id"] = request_id
-        request = httpx.Request(method, f"{self._base_url}{path}", content=body, headers=headers,
-                                extensions={"timeout": self._timeout})
         try:
-            response = await self._http.handle_async_request(request)
-            try:
-                answer = await response.aread()
-            finally:
-                await response.aclose()
+            answer = await self._http.post(path, body, headers)
         except httpx.HTTPError as exc:
             return TsmsReply(Outcome.TRANSIENT, 0, f"no answer from TSMS ({type(exc).__name__}: {exc})")
-        return classify(response.status_code, answer, response.headers)
+        return classify(answer.status, answer.body, answer.headers)
 
 
 def _token(reply: TsmsReply) -> Secret | None:
