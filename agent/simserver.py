@@ -19,6 +19,7 @@ import struct
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any, ClassVar, Self
 
 import uvicorn
@@ -28,6 +29,12 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 __all__ = ["SimServer", "json_error", "read_json_object", "serve_forever"]
+
+ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]  # API paths answer every method
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
 
 
 def _listening_socket(host: str, port: int) -> socket.socket:

@@ -43,7 +43,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 from starlette.applications import Starlette
@@ -67,16 +66,11 @@ from agent.kra.sim_state import (
     kra_time,
     to_json,
 )
-from agent.simserver import SimServer, json_error, read_json_object
+from agent.simserver import ALL_METHODS, SimServer, json_error, read_json_object, utc_now
 
 __all__ = ["SimDevice", "Simulator", "SimulatorConfig", "serve_forever"]
 
 _DEFAULT_CONFIG = SimulatorConfig()
-_ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 class Simulator(SimServer):
@@ -91,7 +85,7 @@ class Simulator(SimServer):
 
     def __init__(self, config: SimulatorConfig = _DEFAULT_CONFIG, clock: Clock | None = None) -> None:
         super().__init__()
-        self._clock: Clock = clock or _utc_now
+        self._clock: Clock = clock or utc_now
         self._state = SimState(config)
         self._faults = Faults()
 
@@ -159,7 +153,7 @@ class Simulator(SimServer):
             Route("/_sim/config", self._config_endpoint, methods=["GET", "POST"]),
         ]
         if on_api_port:
-            routes.append(Route("/etims-api/{name:path}", self._api, methods=_ALL_METHODS))
+            routes.append(Route("/etims-api/{name:path}", self._api, methods=ALL_METHODS))
 
         async def http_error(request: Request, exc: Exception) -> Response:
             assert isinstance(exc, HTTPException)

@@ -37,7 +37,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 from starlette.applications import Starlette
@@ -49,7 +48,7 @@ from starlette.routing import Route
 
 from agent import simserver
 from agent.clock import Clock
-from agent.simserver import SimServer, json_error, read_json_object
+from agent.simserver import ALL_METHODS, SimServer, json_error, read_json_object, utc_now
 from agent.sync.sim_state import (
     Answer,
     ApiRequest,
@@ -63,12 +62,7 @@ from agent.sync.sim_state import (
 __all__ = ["SimTerminal", "Simulator", "TsmsSimulatorConfig", "serve_forever"]
 
 _DEFAULT_CONFIG = TsmsSimulatorConfig()
-_ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 API_PREFIX = "/api/v1"
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 class Simulator(SimServer):
@@ -82,7 +76,7 @@ class Simulator(SimServer):
 
     def __init__(self, config: TsmsSimulatorConfig = _DEFAULT_CONFIG, clock: Clock | None = None) -> None:
         super().__init__()
-        self._clock: Clock = clock or _utc_now
+        self._clock: Clock = clock or utc_now
         self._state = SimState(config)
         self._faults = Faults()
 
@@ -148,7 +142,7 @@ class Simulator(SimServer):
             Route("/_sim/reset", reset, methods=["POST"]),
         ]
         if on_api_port:
-            routes.append(Route(API_PREFIX + "/{path:path}", self._api, methods=_ALL_METHODS))
+            routes.append(Route(API_PREFIX + "/{path:path}", self._api, methods=ALL_METHODS))
 
         async def http_error(request: Request, exc: Exception) -> Response:
             assert isinstance(exc, HTTPException)
