@@ -22,6 +22,7 @@ from typing import Any
 from agent.errors import AgentError, ConfigError, StorageError
 from agent.queue.outbox import Outbox, SaleRecord, timestamp
 from agent.queue.schema import KRA_STATES, TSMS_STATES, kra_pending
+from agent.signing import PENDING_STATES
 
 
 class SaleNotFound(AgentError):
@@ -176,9 +177,8 @@ class OutboxAdmin:
          refund_reason, kra_state, invc_no, request, attempts, next_at, kra_error, signature, signed_at,
          tsms_state, tsms_id, transaction, submission_uuid, synced_at) = row
         ahead = None
-        if kra_state in ("queued", "in_flight", "retry", "unknown"):
-            ahead = conn.execute(f"SELECT count(*) FROM sales WHERE {kra_pending()} AND id < ?",
-                                 (id_,)).fetchone()[0]
+        if kra_state in PENDING_STATES:
+            ahead = _ahead(conn, id_)
         submission = None
         if submission_uuid is not None:
             sub = conn.execute("SELECT uuid, state, sales, attempts, last_status, last_error, created_at, updated_at "
@@ -236,8 +236,7 @@ class OutboxAdmin:
             notes: list[str] = []
             if kra_state in KRA_RETRYABLE:
                 conn.execute("UPDATE sales SET kra_next_attempt_at = ? WHERE id = ?", (at, sale_ref))
-                ahead = conn.execute(f"SELECT count(*) FROM sales WHERE {kra_pending()} AND id < ?",
-                                     (sale_ref,)).fetchone()[0]
+                ahead = _ahead(conn, sale_ref)
                 moved = replace(moved, kra_from=kra_state, kra_due_was=next_at, ahead=ahead)
             else:
                 notes.append(f"KRA: {_WHY_NOT_RETRY_KRA.get(kra_state, kra_state)}")
@@ -302,8 +301,7 @@ class OutboxAdmin:
                 conn.execute("UPDATE sales SET kra_state = 'queued', kra_invc_no = NULL, kra_request = NULL, "
                              "kra_error = NULL, kra_attempts = 0, kra_next_attempt_at = NULL "
                              "WHERE id = ? AND kra_state = 'parked'", (sale_ref,))
-                ahead = conn.execute(f"SELECT count(*) FROM sales WHERE {kra_pending()} AND id < ?",
-                                     (sale_ref,)).fetchone()[0]
+                ahead = _ahead(conn, sale_ref)
                 self._box._journal(conn, at, "requeued", sale_ref, {
                     "lane": "kra", "from": "parked", "to": "queued", "error": row["kra_error"],
                     "invc_no": dropped, "reason": reason, "operator": True,
@@ -360,3 +358,10 @@ def _json_or_text(text: str | None) -> Any:
         return json.loads(text)
     except ValueError:
         return text
+
+
+def _ahead(conn: sqlite3.Connection, sale_ref: int) -> int:
+    """Sales ahead of this one in the KRA lane (it takes the lowest id first)."""
+    count: int = conn.execute(f"SELECT count(*) FROM sales WHERE {kra_pending()} AND id < ?",
+                              (sale_ref,)).fetchone()[0]
+    return count
