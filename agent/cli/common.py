@@ -1,0 +1,65 @@
+"""What every command shares: the app, the common options, and one way to report an AgentError."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from agent.app import outbox_path
+from agent.config import Config, load_config
+from agent.errors import AgentError, ConfigError, DataDirLocked, StorageError
+from agent.queue.admin import open_outbox
+from agent.queue.outbox import Outbox
+
+# Locals in tracebacks would print secrets; never show them.
+app = typer.Typer(pretty_exceptions_show_locals=False, no_args_is_help=True, add_completion=False,
+                  help="etims-agent: the KRA eTIMS edge agent beside the till.")
+
+ConfigOption = Annotated[Path | None, typer.Option(
+    "--config", "-c", help="TOML config file (default: $ETIMS_AGENT_CONFIG, else built-in defaults).",
+    dir_okay=False)]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+TillOption = Annotated[str | None, typer.Option("--till-id", help="The till, if several tills used this sale id.")]
+SaleArgument = Annotated[str, typer.Argument(help="The till's sale id (as on the receipt).")]
+
+
+def exit_code(exc: AgentError) -> int:
+    if isinstance(exc, ConfigError):
+        return 2
+    if isinstance(exc, DataDirLocked):
+        return 3
+    if isinstance(exc, StorageError):
+        return 4
+    return 1
+
+
+@contextmanager
+def errors() -> Iterator[None]:
+    """Print an AgentError as one sentence (no traceback) and exit with its code."""
+    try:
+        yield
+    except AgentError as exc:
+        typer.echo(f"etims-agent: {exc}", err=True)
+        raise typer.Exit(exit_code(exc)) from None
+
+
+def load(path: Path | None) -> Config:
+    return load_config(path)
+
+
+@contextmanager
+def opened(cfg: Config, *, write: bool = False) -> Iterator[Outbox]:
+    outbox = open_outbox(outbox_path(cfg.data_dir), write=write)
+    try:
+        yield outbox
+    finally:
+        outbox.close()
+
+
+def shorten(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[:width - 3] + "..."
