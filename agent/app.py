@@ -7,6 +7,7 @@ here; no other module sees a Config.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import socket
 import threading
@@ -37,6 +38,7 @@ from agent.metrics import Metrics
 from agent.policy import BudgetSettings, ClockGuard, ClockSettings
 from agent.queue.kra_store import KraStore
 from agent.queue.outbox import Outbox
+from agent.queue.recovery import distrust_numbering, open_or_quarantine
 from agent.queue.tsms_store import TsmsStore
 from agent.receipt_format import render_escpos
 from agent.receipt_signing import KEY_NAME as RECEIPT_KEY
@@ -55,6 +57,9 @@ log = get_logger("agent")
 
 OUTBOX_FILE = "outbox.sqlite3"
 CMC_KEY = "kra.cmc_key"  # the name of the device's key in the secret store
+# A copy of the device's identity beside its key: an outbox lost to damage must not take the
+# device's identity with it, since KRA will not initialise the device a second time (902).
+DEVICE_COPY = "kra.device"
 
 
 def outbox_path(data_dir: Path) -> Path:
@@ -172,7 +177,10 @@ def build_kra(cfg: Config, outbox: Outbox, clock: Clock, guard: ClockGuard | Non
         store.forget_items()  # the fresh simulator knows none of the items registered before
         log.info("simulator_started", url=base_url, control=simulator.control_url)
     else:
-        cmc_key = cfg.kra.cmc_key or open_secrets(cfg).get(CMC_KEY)
+        secrets = open_secrets(cfg)
+        cmc_key = cfg.kra.cmc_key or secrets.get(CMC_KEY)
+        if store.device() is None and cmc_key is not None:
+            _restore_device(store, secrets, clock)
     identity = store.device()
     if cmc_key is None or identity is None:
         log.warning("kra_not_initialised", tin=cfg.kra.tin, branch=cfg.kra.branch_id,
@@ -188,6 +196,16 @@ def build_kra(cfg: Config, outbox: Outbox, clock: Clock, guard: ClockGuard | Non
     seller = _seller(cfg, outbox)
     assert seller is not None  # the identity was found above
     return KraParts(lane=lane, client=client, seller=seller, simulator=simulator)
+
+
+def _restore_device(store: KraStore, secrets: SecretStore, clock: Clock) -> None:
+    copy = secrets.get(DEVICE_COPY)
+    if copy is None:
+        return
+    identity = json.loads(copy.reveal())
+    store.save_device(**identity, now=clock())
+    log.warning("kra_device_restored", sdc_id=identity["sdc_id"],
+                detail="the outbox had lost the device's identity; taken from the copy beside its key")
 
 
 async def _initialise(client: KraClient, cfg: Config) -> Initialised:
@@ -219,6 +237,11 @@ def init_device(cfg: Config, *, cmc_key: Secret | None = None, scu_id: str | Non
                 init = asyncio.run(_initialise_and_close(client, cfg))
                 cmc_key, sdc_id, mrc, info, how = init.cmc_key, init.sdc_id, init.mrc_no, init.info, "initialised"
             secrets.set(CMC_KEY, cmc_key)
+            secrets.set(DEVICE_COPY, Secret(json.dumps({
+                "tin": cfg.kra.tin, "bhf_id": cfg.kra.branch_id, "serial": cfg.kra.device_serial, "sdc_id": sdc_id,
+                "mrc_no": mrc, "info": info})))
+            if how == "adopted":  # KRA may hold invoices from this key's earlier life
+                distrust_numbering(outbox, "key adopted", clock())
             store.save_device(tin=cfg.kra.tin, bhf_id=cfg.kra.branch_id, serial=cfg.kra.device_serial,
                               sdc_id=sdc_id, mrc_no=mrc, info=info, now=clock())
         finally:
@@ -325,7 +348,12 @@ def run(cfg: Config, *, clock: Clock = system_clock,
         log.warning("secret_in_config_file", key=key,
                     hint="fine for development; in production use the environment or the keyring")
     with DataDirLock(cfg.data_dir):
-        outbox = Outbox.open(outbox_path(cfg.data_dir))
+        outbox, quarantined = open_or_quarantine(outbox_path(cfg.data_dir), clock())
+        if quarantined is not None:
+            log.error("outbox_quarantined", moved_to=str(quarantined.path), sha256=quarantined.sha256,
+                      reason=quarantined.reason, unreadable=list(quarantined.salvage.unreadable),
+                      hint="selling goes on with a fresh outbox; run `etims-agent outbox rescue "
+                           f"{quarantined.path}` once the KRA lane is online")
         kra: KraParts | None = None
         tsms: TsmsParts | None = None
         try:

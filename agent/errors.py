@@ -52,6 +52,14 @@ class StorageError(AgentError):
     """The outbox cannot be used (disk full, corrupt, unreadable)."""
 
 
+class OutboxDamaged(StorageError):
+    """The outbox file fails SQLite's own checks: not a database, or damaged pages."""
+
+
+class DiskFull(StorageError):
+    """The disk holding the outbox is full; nothing was stored, and nothing stored was harmed."""
+
+
 class DataDirLocked(AgentError):
     """Another agent process already owns the data directory."""
 

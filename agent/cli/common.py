@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -63,3 +64,26 @@ def opened(cfg: Config, *, write: bool = False) -> Iterator[Outbox]:
 def shorten(text: str, width: int) -> str:
     text = " ".join(text.split())
     return text if len(text) <= width else text[:width - 3] + "..."
+
+
+@contextmanager
+def progress_bar(label: str) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar on a terminal, fed `(done, total)`; silent when the output goes to a file or a pipe."""
+    if not sys.stdout.isatty():
+        yield lambda done, total: None
+        return
+    bar: Any = None
+    shown = 0
+
+    def step(done: int, total: int) -> None:
+        nonlocal bar, shown
+        if bar is None:
+            bar = typer.progressbar(length=max(total, 1), label=label, file=sys.stderr).__enter__()
+        bar.update(done - shown)
+        shown = done
+
+    try:
+        yield step
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)

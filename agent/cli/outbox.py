@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from agent.cli.common import ConfigOption, JsonOption, SaleArgument, TillOption, app, errors, load, opened, shorten
+from agent.cli.common import (
+    ConfigOption,
+    JsonOption,
+    SaleArgument,
+    TillOption,
+    app,
+    errors,
+    load,
+    opened,
+    progress_bar,
+    shorten,
+)
 from agent.clock import system_clock
 from agent.config import Config
 from agent.queue.admin import Moved, OutboxAdmin, find_sale
+from agent.queue.recovery import describe, rescue
 
 outbox_app = typer.Typer(no_args_is_help=True, help="Inspect the outbox and move a stuck sale by hand (works while "
                          "the agent runs).")
@@ -237,3 +250,49 @@ def _tsms_moved(name: str, moved: Moved, cfg: Config) -> str:
             f"lane's next round (within {cfg.tsms.sync_interval_s:g} s, tsms.sync_interval_s); journalled as "
             "requeued.")
 
+
+
+@outbox_app.command("rescue")
+def outbox_rescue(
+        damaged: Annotated[Path, typer.Argument(help="A quarantined outbox: data_dir/quarantine/outbox-*.sqlite3.",
+                                                dir_okay=False)],
+        config: ConfigOption = None,
+        dry_run: Annotated[bool, typer.Option("--dry-run", help="Read and report; change nothing.")] = False,
+        as_json: JsonOption = False) -> None:
+    """Copy the readable sales of a quarantined (damaged) outbox into the live one.
+
+    When the agent finds its outbox damaged at start-up, it moves it to quarantine/ and goes on with
+    a fresh one. This reads the old file row by row (a damaged page costs only its own rows) and
+    brings back every sale the live outbox does not have yet (a till may have sent it again since):
+    signed sales with their KRA signature; an unsigned sale KRA may hold under its old invoice number
+    keeps it, and the lane asks KRA before any resend; every other unsigned sale is queued again
+    without a number. Sales head office already holds stay synced; the others are sent with their
+    original transaction id, so head office never counts one twice. Each rescued sale is journalled
+    (its old id and receipt number included). Run it while the agent runs, once `etims-agent status`
+    shows the KRA lane online (the agent must first learn which invoice numbers KRA holds).
+
+    Exit codes: 0 rescued (or nothing to rescue), 1 some sales need a person (listed) or the rescue was
+    refused, 2 a bad config, 4 the outbox cannot be written.
+
+    Example: etims-agent outbox rescue /var/lib/etims-agent/quarantine/outbox-20261121T081500Z.sqlite3
+    """
+    with errors():
+        cfg = load(config)
+        with opened(cfg, write=True) as outbox, progress_bar("rescuing") as step:
+            report = rescue(outbox, damaged, system_clock(), dry_run=dry_run, progress=step)
+    body = describe(report)
+    if as_json:
+        typer.echo(json.dumps(body, indent=2))
+    else:
+        verb = "would import" if dry_run else "imported"
+        typer.echo(f"read {report.read} sale(s), {verb} {report.imported} ({report.requeued} queued again without "
+                   f"an invoice number, {report.reconcile} to check with KRA under their old number), "
+                   f"{report.already_there} already in the live outbox")
+        if report.unreadable:
+            typer.echo(f"{len(report.unreadable)} row(s) could not be read (old ids "
+                       f"{shorten(', '.join(map(str, report.unreadable)), 200)}); `etims-agent verify` lists the "
+                       "invoice numbers they leave missing")
+        for conflict in report.conflicts:
+            typer.echo(f"NEEDS A PERSON {conflict}")
+    if report.conflicts:
+        raise typer.Exit(1)

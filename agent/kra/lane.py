@@ -33,6 +33,9 @@ log = get_logger("agent.kra.lane")
 class LaneStore(Protocol):
     def recover(self, now: datetime) -> int: ...
     def next_work(self) -> KraWork | None: ...
+    def numbering_unverified(self) -> bool: ...
+    def invoice_counter(self) -> int: ...
+    def numbering_learned(self, last_held: int, probes: int, now: datetime) -> int: ...
     def backlog(self) -> int: ...
     def allocate(self, sale_ref: int, build: Callable[[int], str], now: datetime) -> tuple[int, str] | None: ...
     def renumber(self, sale_ref: int, invc_no: int, build: Callable[[int], str], now: datetime) -> str: ...
@@ -122,7 +125,9 @@ class KraLane:
         while True:
             work = self._store.next_work()
             if work is None:
-                await self._sleep(None)
+                # Idle: a new sale wakes the lane at once; a sale another process queued (a technician's
+                # requeue or rescue) is found at the latest after this many seconds.
+                await self._sleep(self._settings.backoff_max_s)
                 continue
             now = self._clock()
             if work.next_attempt_at is not None and work.next_attempt_at > now:
@@ -152,6 +157,8 @@ class KraLane:
                 self._park(work, "original", "the sale this credit note refunds was refused by KRA and has no "
                            "invoice number; requeue the corrected sale first, then this credit note", release=False)
                 return
+            if self._store.numbering_unverified() and not await self._learn_numbering(work):
+                return
             if not await self._register_items(work):
                 return
             allocated = self._store.allocate(work.id, self._builder(work), self._clock())
@@ -172,6 +179,52 @@ class KraLane:
             credit = CreditNoteRef(work.original_invc_no, work.refund_reason,
                                    datetime.fromisoformat(work.sale["issued_at"]))
         return lambda n: wire_json(sale_request(work.sale, work.amounts, n, self._seller, credit=credit))
+
+    async def _learn_numbering(self, work: KraWork) -> bool:
+        """Find the last invoice number KRA holds for this device before numbering a new one.
+
+        Needed when this outbox may not know every number used (it replaced a damaged one, or the key
+        was adopted). KRA's numbers run without gaps, so "held" is true up to some n and false after:
+        probe the counter, gallop up or search down, then bisect (about 2 log2(n) questions).
+        """
+        probes = 0
+
+        async def held(n: int) -> bool | None:
+            nonlocal probes
+            if n <= 0:
+                return True
+            probes += 1
+            reply = await self._client.invoice(n)
+            if reply.ok and _first_sale(reply.data) is not None:
+                return True
+            if reply.outcome is Outcome.EMPTY or reply.ok:
+                return False
+            self._defer(work, "queued", reply)  # KRA unreachable: the sale waits, as any sale does
+            return None
+
+        low, high = 0, self._store.invoice_counter()  # held(low) is True; high is still unknown
+        answer = await held(high)
+        if answer is None:
+            return False
+        if answer:
+            low, step = high, 1
+            while True:  # gallop up until a number KRA does not hold
+                answer = await held(low + step)
+                if answer is None:
+                    return False
+                if not answer:
+                    high = low + step
+                    break
+                low, step = low + step, step * 2
+        while high - low > 1:
+            middle = (low + high) // 2
+            answer = await held(middle)
+            if answer is None:
+                return False
+            low, high = (middle, high) if answer else (low, middle)
+        was = self._store.numbering_learned(low, probes, self._clock())
+        log.warning("kra_numbering_learned", last_held=low, counter_was=was, probes=probes)
+        return True
 
     async def _register_items(self, work: KraWork) -> bool:
         known = self._store.registered_items([line["item_code"] for line in work.sale["lines"]])

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+from agent.queue import recovery
 from agent.queue.outbox import Outbox, timestamp
 from agent.queue.schema import kra_pending
 from agent.signing import KraWork
@@ -49,6 +50,15 @@ class KraStore:
                 "UPDATE sales SET kra_state = 'unknown', kra_next_attempt_at = ? WHERE kra_state = 'in_flight'",
                 (timestamp(now),),
             ).rowcount
+
+    def numbering_unverified(self) -> bool:
+        return recovery.numbering_unverified(self._box)
+
+    def invoice_counter(self) -> int:
+        return recovery.invoice_counter(self._box)
+
+    def numbering_learned(self, last_held: int, probes: int, now: datetime) -> int:
+        return recovery.numbering_learned(self._box, last_held, probes, now)
 
     def next_work(self) -> KraWork | None:
         """The oldest sale not yet signed or parked: the lane never overtakes it."""

@@ -22,7 +22,7 @@ from typing import Any
 
 from sqlite_utils import Database
 
-from agent.errors import SaleConflict, StorageError
+from agent.errors import DiskFull, OutboxDamaged, SaleConflict, StorageError
 from agent.queue.journal import GENESIS, JournalEntry, entry_hash, verify_chain
 from agent.queue.schema import kra_pending, migrations
 
@@ -89,6 +89,16 @@ class OutboxStats:
     journal_entries: int
 
 
+# SQLITE_CORRUPT and SQLITE_NOTADB: the file itself is bad (as opposed to locked, missing or unwritable).
+DAMAGE_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+def primary_code(exc: sqlite3.Error) -> int | None:
+    """SQLite's primary result code of an error (its extended code carries more in the upper bits)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return None if code is None else code & 0xFF
+
+
 def timestamp(now: datetime) -> str:
     """Stored times are UTC ISO 8601 with microseconds, so text order is time order."""
     return now.astimezone(UTC).isoformat(timespec="microseconds")
@@ -144,9 +154,9 @@ class Outbox:
             conn, reader = conns
             check = conn.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
-                raise StorageError(
-                    f"the outbox {path} is damaged ({check}); stop the agent, keep a copy of the "
-                    "file and run `etims-agent doctor`"
+                raise OutboxDamaged(
+                    f"the outbox {path} is damaged ({check}); the agent moves it to quarantine/ at its "
+                    "next start and starts a fresh one; `etims-agent outbox rescue` recovers its readable sales"
                 )
             outbox = cls(conn, reader, path)
             if not readonly:
@@ -157,6 +167,10 @@ class Outbox:
                 c.close()
             if isinstance(exc, StorageError):
                 raise
+            if isinstance(exc, sqlite3.Error) and primary_code(exc) in DAMAGE_CODES:
+                raise OutboxDamaged(f"the outbox {path} is damaged ({exc}); the agent moves it to quarantine/ "
+                                    "at its next start and starts a fresh one; `etims-agent outbox rescue` "
+                                    "recovers its readable sales") from exc
             raise StorageError(f"cannot open the outbox {path}: {exc}; check the disk and its permissions") from exc
 
     def close(self) -> None:
@@ -185,6 +199,11 @@ class Outbox:
             except sqlite3.Error as exc:
                 self._head = None
                 self._rollback_after(exc)
+                if primary_code(exc) == sqlite3.SQLITE_FULL:
+                    # SQLite rolled the transaction back whole: what was stored before is intact.
+                    raise DiskFull(f"the disk holding {self.path} is full; nothing was stored. Free some space "
+                                   "(old logs, the quarantine/ folder); the agent goes on by itself once "
+                                   "there is room") from exc
                 raise StorageError(f"writing to the outbox {self.path} failed: {exc}; "
                                    "check free disk space and run `etims-agent doctor`") from exc
 
@@ -381,7 +400,11 @@ class Outbox:
         """
         entries = self.journal()
         problems = verify_chain(entries)
-        accepted = {e.sale_ref: json.loads(e.detail) for e in entries if e.event == "accepted"}
+        # A rescued sale (from a quarantined outbox) is created by its `rescued` entry instead.
+        accepted = {e.sale_ref: json.loads(e.detail) for e in entries if e.event in ("accepted", "rescued")}
+        # An outbox that replaced a damaged one goes on from the damaged one's receipt number.
+        first: dict[str, Any] = next((json.loads(e.detail) for e in entries if e.event == "quarantined"), {})
+        start = int(first.get("receipt_no") or 0) + 1
         sales = self.all_sales()
         for s in sales:
             detail = accepted.pop(s.id, None)
@@ -392,8 +415,8 @@ class Outbox:
         problems.extend(f"journal entry for sale {ref} refers to a sale that is not stored"
                         for ref in accepted)
         numbers = sorted(s.receipt_no for s in sales)
-        if numbers != list(range(1, len(numbers) + 1)):
-            problems.append("local receipt numbers are not a gap-free sequence from 1")
+        if numbers != list(range(start, start + len(numbers))):
+            problems.append(f"local receipt numbers are not a gap-free sequence from {start}")
         problems.extend(invoice_number_gaps(sales, entries))
         return problems
 
@@ -414,6 +437,11 @@ def invoice_number_gaps(sales: list[SaleRecord], entries: list[JournalEntry]) ->
     if not missing:
         return []
     shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
+    quarantined = [json.loads(e.detail).get("file") for e in entries if e.event == "quarantined"]
+    if quarantined:
+        return [f"KRA invoice numbers with no sale here: {shown} ({len(missing)}); this outbox replaced the "
+                f"damaged {quarantined[0]}: run `etims-agent outbox rescue` on it, then compare what is still "
+                "missing with KRA (selectInvoiceDetails)"]
     return [f"KRA invoice numbers with no sale here: {shown} ({len(missing)}); compare with KRA "
             "(selectInvoiceDetails) before anything else"]
 
