@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from agent.clock import Clock
 from agent.credit_notes import REFUND_REASONS, Original, credited_quantities, prepare_credit_note
-from agent.errors import InvalidSale, SaleConflict
+from agent.errors import DiskFull, InvalidSale, SaleConflict, StorageError
 from agent.intake import IntakeRules, prepare
 from agent.metrics import Metrics
 from agent.policy import Budget, BudgetSettings, ClockGuard, offline_budget
@@ -174,6 +174,10 @@ class SaleDesk:
             result = ctx.outbox.accept(new, ctx.clock())
         except SaleConflict as exc:
             return Answer(409, error_body("conflict", str(exc), "sale_id"))
+        except DiskFull as exc:  # nothing stored: the till keeps the sale and sends it again later
+            return Answer(507, error_body("disk_full", str(exc)))
+        except StorageError as exc:
+            return Answer(503, error_body("storage", str(exc)))
         record = result.record
         if result.created and ctx.syncer is not None:
             ctx.syncer.notify()

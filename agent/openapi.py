@@ -41,7 +41,10 @@ def openapi_document(version: str, max_lines: int) -> dict[str, Any]:
                     "409": _error_response("Same sale_id already stored with other content"),
                     "413": _error_response("Body larger than http.max_body_bytes"),
                     "422": _error_response("Invalid sale; `field` names the offending value"),
-                    "503": _error_response("The outbox cannot be written"),
+                    "503": _error_response("The outbox cannot be written, or the offline budget is exhausted "
+                                           "(code offline_budget_exhausted)"),
+                    "507": _error_response("The disk is full (code disk_full): nothing was stored; send the "
+                                           "sale again later"),
                 },
             }},
             "/v1/sales/{sale_id}": {"get": {

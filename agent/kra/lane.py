@@ -19,6 +19,7 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from agent.clock import Clock
+from agent.errors import StorageError
 from agent.jsonwire import wire_json
 from agent.kra.client import KraClient, KraReply
 from agent.kra.codes import Outcome, describe, expected_invoice_number
@@ -54,6 +55,7 @@ class LaneSettings:
     origin_country: str = "KE"
 
 
+STORAGE_PAUSE_S = 2.0  # how soon to try again after the outbox could not be written (a full disk)
 SIGNATURE_FIELDS = ("curRcptNo", "totRcptNo", "intrlData", "rcptSign", "sdcDateTime")
 
 
@@ -137,9 +139,14 @@ class KraLane:
                 await self._step(work)
             except asyncio.CancelledError:
                 raise
+            except StorageError:
+                # The disk is full (the outbox logs it): nothing was written, so the sale is where it
+                # was. One that KRA signed meanwhile is still in flight, and the lane asks KRA for it.
+                await asyncio.sleep(STORAGE_PAUSE_S)
             except Exception:  # a bug must not stop the lane for good; the sale is retried later
                 log.exception("kra_lane_error", sale=work.id)
-                self._store.defer(work.id, work.state, self._clock() + timedelta(seconds=30), "internal error")
+                with contextlib.suppress(StorageError):
+                    self._store.defer(work.id, work.state, self._clock() + timedelta(seconds=30), "internal error")
 
     async def _sleep(self, timeout: float | None) -> None:
         with contextlib.suppress(TimeoutError):

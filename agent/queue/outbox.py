@@ -23,8 +23,11 @@ from typing import Any
 from sqlite_utils import Database
 
 from agent.errors import DiskFull, OutboxDamaged, SaleConflict, StorageError
+from agent.logs import get_logger
 from agent.queue.journal import GENESIS, JournalEntry, entry_hash, verify_chain
 from agent.queue.schema import kra_pending, migrations
+
+log = get_logger("agent.outbox")
 
 _SALE_COLUMNS = (
     "id, till_id, sale_id, kind, content_hash, sale, amounts, total, receipt_no, accepted_at, "
@@ -139,6 +142,7 @@ class Outbox:
         # once the transaction that wrote the entry has committed.
         self._head: tuple[int, str] | None = None
         self._pending_head: tuple[int, str] | None = None
+        self._full = False  # the last write failed for want of disk space
 
     @classmethod
     def open(cls, path: Path, *, readonly: bool = False) -> Outbox:
@@ -196,10 +200,17 @@ class Outbox:
                 self._conn.execute("COMMIT")
                 if self._pending_head is not None:
                     self._head = self._pending_head
+                if self._full:
+                    self._full = False
+                    log.info("disk_space_back", path=str(self.path))
             except sqlite3.Error as exc:
                 self._head = None
                 self._rollback_after(exc)
                 if primary_code(exc) == sqlite3.SQLITE_FULL:
+                    if not self._full:  # logged when it starts and when it ends, not at every refusal
+                        self._full = True
+                        log.error("disk_full", path=str(self.path),
+                                  hint="sales are refused (507 disk_full) until space is freed")
                     # SQLite rolled the transaction back whole: what was stored before is intact.
                     raise DiskFull(f"the disk holding {self.path} is full; nothing was stored. Free some space "
                                    "(old logs, the quarantine/ folder); the agent goes on by itself once "

@@ -29,6 +29,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, Protocol
 
+from agent.errors import StorageError
 from agent.jsonwire import wire_json
 from agent.logs import get_logger
 from agent.policy import ClockGuard
@@ -41,6 +42,7 @@ from agent.sync.transaction import Terminal, tsms_transaction, utc_z
 
 log = get_logger("agent.sync.lane")
 
+STORAGE_PAUSE_S = 2.0  # how soon to try again after the outbox could not be written (a full disk)
 BREAKER_FAILURES = 5
 
 
@@ -116,6 +118,8 @@ class TsmsLane:
                 pause = await self.step()
             except asyncio.CancelledError:
                 raise
+            except StorageError:  # a full disk (the outbox logs it): a stored body is resent as it is
+                pause = STORAGE_PAUSE_S
             except Exception:  # a bug must not stop the lane for good
                 log.exception("tsms_lane_error")
                 pause = 30.0
