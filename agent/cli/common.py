@@ -87,3 +87,18 @@ def progress_bar(label: str) -> Iterator[Callable[[int, int], None]]:
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)
+
+
+def running_agent(cfg: Config) -> dict[str, Any] | None:
+    """The running agent's /v1/status (lanes, offline budget, clock), or None if it does not answer."""
+    import httpx
+
+    host = "127.0.0.1" if cfg.http.host in ("0.0.0.0", "::") else cfg.http.host
+    url = f"http://{f'[{host}]' if ':' in host else host}:{cfg.http.port}/v1/status"
+    headers = {"Authorization": f"Bearer {cfg.http.till_token.reveal()}"} if cfg.http.till_token else {}
+    try:
+        response = httpx.get(url, headers=headers, timeout=2.0)
+        body = response.json() if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+    return body if isinstance(body, dict) else None

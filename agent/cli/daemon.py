@@ -10,8 +10,7 @@ import typer
 
 from agent import __version__
 from agent.app import init_device, outbox_path, run, store_tsms_key
-from agent.cli.common import ConfigOption, JsonOption, app, errors, load
-from agent.config import Config
+from agent.cli.common import ConfigOption, JsonOption, app, errors, load, running_agent
 from agent.errors import ConfigError
 from agent.logs import configure
 from agent.queue.outbox import Outbox
@@ -48,7 +47,7 @@ def status(config: ConfigOption = None,
             "data_dir": str(cfg.data_dir), "sales": stats.sales, "kra": stats.kra,
             "tsms": stats.tsms, "journal_entries": stats.journal_entries,
             "oldest_unsigned_at": stats.oldest_unsigned_at.isoformat() if stats.oldest_unsigned_at else None,
-            "agent": _running_agent(cfg),
+            "agent": running_agent(cfg),
         }
         if as_json:
             typer.echo(json.dumps(body, indent=2))
@@ -70,21 +69,6 @@ def status(config: ConfigOption = None,
                        + (f": {budget['message']}" if budget.get("message") else ""))
         if clock:
             typer.echo(f"{'clock offset':20} {clock.get('offset_s')} s ({clock.get('level')})")
-
-
-def _running_agent(cfg: Config) -> dict[str, Any] | None:
-    """The running agent's /v1/status (lanes, offline budget, clock), or None if it does not answer."""
-    import httpx
-
-    host = "127.0.0.1" if cfg.http.host in ("0.0.0.0", "::") else cfg.http.host
-    url = f"http://{f'[{host}]' if ':' in host else host}:{cfg.http.port}/v1/status"
-    headers = {"Authorization": f"Bearer {cfg.http.till_token.reveal()}"} if cfg.http.till_token else {}
-    try:
-        response = httpx.get(url, headers=headers, timeout=2.0)
-        body = response.json() if response.status_code == 200 else None
-    except (httpx.HTTPError, ValueError):
-        return None
-    return body if isinstance(body, dict) else None
 
 
 
