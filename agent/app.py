@@ -193,7 +193,7 @@ def build_kra(cfg: Config, outbox: Outbox, clock: Clock, guard: ClockGuard | Non
                    LaneSettings(backoff_base_s=cfg.kra.backoff_base_s, backoff_max_s=cfg.kra.backoff_max_s,
                                 origin_country=cfg.kra.origin_country), clock_guard=guard,
                    on_round_trip=metrics.kra_round_trip.observe if metrics else None)
-    seller = _seller(cfg, outbox)
+    seller = seller_of(cfg, outbox)
     assert seller is not None  # the identity was found above
     return KraParts(lane=lane, client=client, seller=seller, simulator=simulator)
 
@@ -272,7 +272,7 @@ def reprint(cfg: Config, sale_id: str, till_id: str | None, index: int) -> str:
                               "give --till-id to choose one" if records else "check the sale id (and --till-id)")
         desk = SaleDesk(ApiContext(outbox=outbox, rules=intake_rules(cfg), clock=system_clock, max_body_bytes=0,
                                    started_at=system_clock(), receipt_signer=receipt_signer(cfg),
-                                   seller=_seller(cfg, outbox)))
+                                   seller=seller_of(cfg, outbox)))
         view = desk.view(records[0])
         try:
             send_bytes(settings.url, render_escpos(view, settings.width, copy=True), baudrate=settings.baudrate)
@@ -284,7 +284,7 @@ def reprint(cfg: Config, sale_id: str, till_id: str | None, index: int) -> str:
     return f"printed {view['receipt']['kind']} receipt of {sale_id} on {settings.url} (COPY)"
 
 
-def _seller(cfg: Config, outbox: Outbox) -> Seller | None:
+def seller_of(cfg: Config, outbox: Outbox) -> Seller | None:
     identity = KraStore(outbox).device()
     if identity is None:
         return None
