@@ -17,9 +17,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import make_sale
-
 from agent_process import Agents, run_cli
+from conftest import make_sale
 
 
 @pytest.fixture(name="small_disk")

@@ -16,12 +16,12 @@ from typing import Any
 
 import httpx
 import pytest
+from agent_process import AgentProcess, Agents, SimulatorProcess, run_cli
 from conftest import make_sale
 
 from agent.errors import OutboxDamaged
 from agent.queue.outbox import Outbox
 from agent.queue.recovery import RescueRefused, distrust_numbering, open_or_quarantine, rescue
-from agent_process import AgentProcess, Agents, SimulatorProcess, run_cli
 
 BRANCH = "P052112956W/00"  # the simulator's default device
 
