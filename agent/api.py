@@ -163,7 +163,7 @@ def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
             "outbox": {"sales": stats.sales, "journal_entries": stats.journal_entries},
             "lanes": {
                 "kra": {**_kra_lane_state(ctx.signer),
-                        "backlog": backlog, "by_state": stats.kra,
+                        "backlog": backlog, "backlog_value": str(stats.unsigned_value), "by_state": stats.kra,
                         "round_trip_s": None if ctx.signer is None or ctx.signer.round_trip_s is None
                         else round(ctx.signer.round_trip_s, 3),
                         # one request in flight, so the backlog drains at one round trip per sale

@@ -6,6 +6,7 @@ import json
 import socket
 import threading
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 
 import httpx
@@ -137,14 +138,17 @@ class TestReads:
         assert_error(client.get("/v1/sales/R-0001"), 409, "ambiguous", "till_id")
 
     def test_status(self, client: TestClient, clock: FakeClock) -> None:
-        """Status reports the backlog and the age of the oldest unsigned sale."""
-        client.post("/v1/sales", json=make_sale())
+        """Status reports the backlog, its value and the age of the oldest unsigned sale."""
+        first = client.post("/v1/sales", json=make_sale()).json()
+        second = client.post("/v1/sales", json=make_sale(sale_id="R-0002")).json()
         clock.advance(90)
         body = client.get("/v1/status").json()
-        assert body["outbox"] == {"sales": 1, "journal_entries": 1}
-        assert body["lanes"]["kra"]["backlog"] == 1
+        assert body["outbox"] == {"sales": 2, "journal_entries": 2}
+        assert body["lanes"]["kra"]["backlog"] == 2
+        totals = [Decimal(answer["receipt"]["totals"]["total"]) for answer in (first, second)]
+        assert Decimal(body["lanes"]["kra"]["backlog_value"]) == sum(totals)
         assert body["lanes"]["kra"]["oldest_unsigned_age_s"] == 90.0
-        assert body["lanes"]["tsms"]["backlog"] == 1
+        assert body["lanes"]["tsms"]["backlog"] == 2
 
     def test_health(self, client: TestClient) -> None:
         """Health answers ok while the outbox answers."""

@@ -11,10 +11,10 @@ from typing import Any
 
 import httpx
 import pytest
+from agent_process import Agents, SimulatorProcess, run_cli, write_config
 from typer.testing import CliRunner
 
 from agent.cli import app
-from agent_process import Agents, SimulatorProcess, run_cli, write_config
 
 TSMS_API_KEY = "sim-api-key-0001"  # the simulator's default terminal
 

@@ -47,6 +47,7 @@ def status(config: ConfigOption = None,
             "data_dir": str(cfg.data_dir), "sales": stats.sales, "kra": stats.kra,
             "tsms": stats.tsms, "journal_entries": stats.journal_entries,
             "oldest_unsigned_at": stats.oldest_unsigned_at.isoformat() if stats.oldest_unsigned_at else None,
+            "unsigned_value": str(stats.unsigned_value),
             "agent": running_agent(cfg),
         }
         if as_json:
@@ -61,7 +62,8 @@ def status(config: ConfigOption = None,
         kra, tsms = agent["lanes"]["kra"], agent["lanes"]["tsms"]
         budget, clock = agent.get("offline_budget") or {}, agent.get("clock") or {}
         typer.echo(f"{'kra lane':20} {kra['state']}" + (f" ({kra['detail']})" if kra.get("detail") else "")
-                   + f", backlog {kra['backlog']}, drain ETA {kra.get('drain_eta_s')} s")
+                   + f", backlog {kra['backlog']} (value {kra.get('backlog_value')}), drain ETA "
+                   f"{kra.get('drain_eta_s')} s")
         typer.echo(f"{'tsms lane':20} {tsms['state']}" + (f" ({tsms['detail']})" if tsms.get("detail") else "")
                    + f", backlog {tsms['backlog']}, last sync {tsms.get('last_sync_at')}")
         if budget:

@@ -90,6 +90,7 @@ class OutboxStats:
     tsms: dict[str, int]
     oldest_unsigned_at: datetime | None
     journal_entries: int
+    unsigned_value: Decimal = Decimal(0)  # the sum of the unsigned sales' totals (credit notes count too)
 
 
 # SQLITE_CORRUPT and SQLITE_NOTADB: the file itself is bad (as opposed to locked, missing or unwritable).
@@ -389,8 +390,12 @@ class Outbox:
                 f"SELECT accepted_at FROM sales WHERE {kra_pending()} ORDER BY id LIMIT 1"
             ).fetchone()
             entries = conn.execute("SELECT count(*) FROM journal").fetchone()[0]
+            # Summed here as exact decimals (SQLite's SUM would go through floats).
+            value = sum((Decimal(r[0]) for r in conn.execute(f"SELECT total FROM sales WHERE {kra_pending()}")),
+                        Decimal(0))
         return OutboxStats(sales=sum(kra.values()), kra=kra, tsms=tsms,
-                           oldest_unsigned_at=_time(first[0] if first else None), journal_entries=entries)
+                           oldest_unsigned_at=_time(first[0] if first else None), journal_entries=entries,
+                           unsigned_value=value)
 
     def ping(self) -> None:
         with self._read() as conn:
