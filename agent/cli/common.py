@@ -18,6 +18,7 @@ from agent.queue.outbox import Outbox
 
 # Locals in tracebacks would print secrets; never show them.
 app = typer.Typer(pretty_exceptions_show_locals=False, no_args_is_help=True, add_completion=False,
+                  rich_markup_mode="markdown",  # joins wrapped docstring lines into paragraphs
                   help="etims-agent: the KRA eTIMS edge agent beside the till.")
 
 ConfigOption = Annotated[Path | None, typer.Option(

@@ -19,7 +19,13 @@ from agent.secret import Secret
 
 @app.command("run")
 def run_cmd(config: ConfigOption = None) -> None:
-    """Run the agent in the foreground (stop with Ctrl-C or SIGTERM)."""
+    """Run the agent in the foreground (stop with Ctrl-C or SIGTERM; in-flight requests finish first).
+
+    Exit codes: 0 stopped cleanly, 2 configuration error (or the HTTP port is taken), 3 another agent
+    uses this data directory, 4 the outbox cannot be opened.
+
+    Example: etims-agent run --config /etc/etims-agent/agent.toml
+    """
     with errors():
         cfg = load(config)
         configure(cfg.log.level, cfg.log.format, file=cfg.log.file, max_bytes=cfg.log.max_bytes,
@@ -90,6 +96,9 @@ def init(what: Annotated[str, typer.Argument(help="kra (initialise the device wi
     """Initialise this device with KRA once (selectInitOsdcInfo) and store its key in the keyring;
     or, with `tsms`, store the head-office terminal's API key there.
 
+    Exit codes: 0 done, 1 KRA refused or could not be reached (the message says what to do), 2 a bad
+    option or config, 3 the agent holds the data directory (stop it first), 4 storage error.
+
     Example: etims-agent init --config /etc/etims-agent/agent.toml
     Example: echo "$KEY" | etims-agent init tsms --api-key - --config /etc/etims-agent/agent.toml
     """
@@ -112,5 +121,10 @@ def init(what: Annotated[str, typer.Argument(help="kra (initialise the device wi
 
 @app.command()
 def version() -> None:
-    """Print the version."""
+    """Print the version.
+
+    Exit codes: 0.
+
+    Example: etims-agent version
+    """
     typer.echo(__version__)

@@ -32,6 +32,9 @@ def receipt_print(sale_id: Annotated[str, typer.Argument(help="The till's sale i
                   printer: Annotated[int, typer.Option(help="Which [[printers]] entry, from 0.")] = 0) -> None:
     """Reprint a sale's receipt on a configured printer, marked COPY.
 
+    Exit codes: 0 printed, 2 no such sale or printer (or several tills used the id: give --till-id),
+    4 the printer could not be reached (the message says what to check).
+
     Example: etims-agent receipt print R-0001 --config /etc/etims-agent/agent.toml
     """
     with errors():

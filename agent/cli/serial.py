@@ -17,6 +17,8 @@ app.add_typer(serial_app, name="serial")
 def serial_list(as_json: JsonOption = False) -> None:
     """List the serial ports this machine has (USB adapters show their maker and serial number).
 
+    Exit codes: 0 (even when none is found).
+
     Example: etims-agent serial list
     """
     from agent.devices.ports import list_ports

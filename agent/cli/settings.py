@@ -19,7 +19,12 @@ app.add_typer(config_app, name="config")
 
 @config_app.command("check")
 def config_check(config: ConfigOption = None) -> None:
-    """Parse and validate the config; print the effective settings with secrets masked."""
+    """Parse and validate the config; print the main settings with secrets masked.
+
+    Exit codes: 0 valid, 2 invalid (the message names the setting and the fix).
+
+    Example: etims-agent config check --config /etc/etims-agent/agent.toml
+    """
     with errors():
         cfg = load(config)
         check_exposure(cfg)

@@ -24,7 +24,13 @@ def simulate_kra(
         tin: Annotated[str, typer.Option(help="PIN of the simulated device.")] = SIMULATOR_DEVICE[0],
         branch_id: Annotated[str, typer.Option(help="Branch of the simulated device.")] = SIMULATOR_DEVICE[1],
         serial: Annotated[str, typer.Option(help="Serial of the simulated device.")] = SIMULATOR_DEVICE[2]) -> None:
-    """Serve the KRA OSCU simulator (legacy API under /etims-api/) until stopped."""
+    """Serve the KRA OSCU simulator (legacy API under /etims-api/) until stopped.
+
+    Its control API injects faults (outage, latency, lost answers, result codes) and reports what it
+    holds; see the README. Exit codes: 0 stopped, 2 a bad option.
+
+    Example: etims-agent simulate kra --port 8088 --control-port 8087 --numbering strict
+    """
     from agent.kra.simulator import SimDevice, SimulatorConfig, serve_forever
 
     if numbering not in ("lenient", "strict"):
@@ -49,7 +55,13 @@ def simulate_tsms(
         rate_limit: Annotated[int, typer.Option(help="Submissions per terminal per window (the server's 50).")] = 50,
         rate_window: Annotated[float, typer.Option(help="The limit's window in seconds (the server's 60).")] = 60.0
 ) -> None:
-    """Serve the head-office TSMS simulator (/api/v1/...) until stopped."""
+    """Serve the head-office TSMS simulator (/api/v1/...) until stopped.
+
+    Its control API injects faults (outage, 429/503, revoked tokens, lost answers) and reports what it
+    holds; see the README. Exit codes: 0 stopped, 2 a bad option.
+
+    Example: etims-agent simulate tsms --port 8098 --control-port 8097 --rate-limit 50
+    """
     from agent.sync.simulator import SimTerminal, TsmsSimulatorConfig, serve_forever
 
     configure()
