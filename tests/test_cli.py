@@ -6,8 +6,10 @@ import json
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import typer
 from conftest import RULES, FakeClock, make_sale
 from typer.testing import CliRunner
 
@@ -228,3 +230,18 @@ def test_json_logs_go_to_a_rotated_file_too(tmp_path: Path) -> None:
     assert all(p.stat().st_size <= 64 * 1024 for p in log_file.parent.iterdir())
     last = json.loads(log_file.read_text().splitlines()[-1])
     assert (last["event"], last["n"], last["level"]) == ("state_changed", 1999, "info")
+
+
+def _commands(command: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[str, Any]]:
+    if hasattr(command, "commands"):
+        for name, sub in command.commands.items():
+            yield from _commands(sub, (*path, name))
+    else:
+        yield " ".join(path), command
+
+
+@pytest.mark.parametrize("name", [name for name, _ in _commands(typer.main.get_command(app))])
+def test_every_command_has_an_example_and_its_exit_codes(name: str) -> None:
+    command = dict(_commands(typer.main.get_command(app)))[name]
+    assert "Example: etims-agent " in (command.help or ""), name
+    assert "Exit codes:" in (command.help or ""), name

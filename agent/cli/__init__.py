@@ -4,7 +4,7 @@ Each module registers its commands on the one typer app; importing them here bui
 and the order of the imports is the order of `etims-agent --help`.
 """
 
-from agent.cli import daemon, audit, outbox, receipt, settings, serial, simulate  # noqa: F401, I001
+from agent.cli import daemon, doctor, audit, outbox, catalogue, receipt, settings, serial, simulate  # noqa: F401, I001
 from agent.cli.common import app
 
 __all__ = ["app", "main"]
