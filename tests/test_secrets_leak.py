@@ -4,6 +4,7 @@ every reading command run against it, and everything they wrote searched for eve
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +35,7 @@ def test_no_secret_in_logs_outputs_or_database(tmp_path: Path, sims: tuple[Simul
                                                ) -> None:
     kra, tsms = sims
     outputs: list[str] = []
+    bundle = tmp_path / "audit.zip"
     with Agents(tmp_path, kra_url=kra.api_url, tsms_url=tsms.api_url) as agents:
         config = agents.config
         config.write_text(config.read_text().replace("port = 0\n", f'port = 0\ntill_token = "{TILL_TOKEN}"\n'))
@@ -50,9 +52,14 @@ def test_no_secret_in_logs_outputs_or_database(tmp_path: Path, sims: tuple[Simul
                 outputs.append(http.get(path).text)
         for command in (["status"], ["status", "--json"], ["config", "show"], ["config", "show", "--json"],
                         ["config", "check"], ["outbox", "list"], ["outbox", "show", "S-0"], ["verify"],
-                        ["receipt", "show", "S-0"], ["receipt", "show", "S-0", "--format", "json"]):
+                        ["receipt", "show", "S-0"], ["receipt", "show", "S-0", "--format", "json"],
+                        ["doctor"], ["doctor", "--json"], ["codes", "refresh", "--json"], ["items", "list"],
+                        ["export", "--from", "2000-01-01", "--to", "2100-01-01", "--out", str(bundle)],
+                        ["verify", "--bundle", str(bundle), "--json"]):
             result = run_cli(*command, "--config", str(config))
             outputs += [result.stdout, result.stderr]
+        with zipfile.ZipFile(bundle) as zf:  # what an auditor takes away
+            outputs += [zf.read(name).decode("utf-8", "replace") for name in zf.namelist()]
         assert agent.terminate() == 0
         outputs.append(agent.log())
         store = open_secret_store(agents.data_dir, "file")
