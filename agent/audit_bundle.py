@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from agent.errors import ConfigError, StorageError
+from agent.files import fsync_dir, sha256_of
 from agent.queue.journal import GENESIS, JournalEntry, entry_hash
 from agent.queue.outbox import Outbox, SaleRecord, timestamp
 from agent.receipt_signing import key_id_of
@@ -194,8 +195,8 @@ def write(path: Path, selection: Selection, *, receipt_text: ReceiptText, key: E
         if path.exists() and not replace:  # appeared while we wrote
             raise FileExistsError(path)
         os.replace(partial, path)
-        _sync_folder(path.parent)
-        digest = _file_sha256(path)
+        fsync_dir(path.parent)
+        digest = sha256_of(path)
     except OSError as exc:
         if isinstance(exc, FileExistsError):
             raise
@@ -270,25 +271,6 @@ def _line(obj: Mapping[str, Any]) -> bytes:
 
 def _iso(moment: datetime | None) -> str | None:
     return None if moment is None else timestamp(moment)
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _sync_folder(folder: Path) -> None:
-    # The rename is durable only once the folder is synced; Windows cannot open a folder for that.
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _skipped(entries: Iterable[JournalEntry]) -> Iterator[int]:

@@ -46,6 +46,7 @@ from keyring.backends import chainer, fail, null
 from keyring.compat import properties
 
 from agent.errors import AgentError, ConfigError, StorageError
+from agent.files import fsync_dir
 from agent.secret import Secret
 
 BACKENDS = ("auto", "keyring", "file")
@@ -451,7 +452,7 @@ class EncryptedFileKeyring(KeyringBackend):
             except OSError:  # no hard links on this file system: claim the name directly
                 with suppress(FileExistsError):
                     _write_new(self.key_path, text)
-            _fsync_dir(self.data_dir)
+            fsync_dir(self.data_dir)
         except OSError as exc:
             raise _unwritable(self.key_path, exc) from None
         finally:
@@ -498,7 +499,7 @@ def _replace_atomically(path: Path, data: bytes) -> None:
         with suppress(OSError):
             tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _give_to_directory_owner(fd: int, directory: Path) -> None:
@@ -508,19 +509,6 @@ def _give_to_directory_owner(fd: int, directory: Path) -> None:
         owner = os.stat(directory)
         if owner.st_uid != 0:
             os.fchown(fd, owner.st_uid, owner.st_gid)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable (POSIX); Windows has no directory handles to fsync."""
-    if not _POSIX:
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems refuse fsync on a directory; the rename itself has happened
-    finally:
-        os.close(fd)
 
 
 def _unreadable(path: Path, exc: OSError) -> StorageError:

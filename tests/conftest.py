@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from agent_process import SimulatorProcess
 from starlette.testclient import TestClient
 
 from agent.api import create_app
@@ -86,3 +87,28 @@ def api_client(outbox: Outbox, clock: FakeClock, *, token: Secret | None = None,
 def _client(outbox: Outbox, clock: FakeClock) -> Iterator[TestClient]:
     with api_client(outbox, clock) as client:
         yield client
+
+
+# Upstream simulators as their own processes (`etims-agent simulate ...`): their state outlives
+# the agents a test starts and kills.
+@pytest.fixture(name="kra")
+def _kra_process(tmp_path: Path) -> Iterator[SimulatorProcess]:
+    sim = SimulatorProcess(tmp_path, "kra")
+    try:
+        yield sim
+    finally:
+        sim.close()
+
+
+@pytest.fixture(name="tsms")
+def _tsms_process(tmp_path: Path) -> Iterator[SimulatorProcess]:
+    sim = SimulatorProcess(tmp_path, "tsms")
+    try:
+        yield sim
+    finally:
+        sim.close()
+
+
+@pytest.fixture(name="sims")
+def _sims(kra: SimulatorProcess, tsms: SimulatorProcess) -> tuple[SimulatorProcess, SimulatorProcess]:
+    return kra, tsms

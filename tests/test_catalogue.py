@@ -304,14 +304,6 @@ class TestCommands:
 class TestAgainstProcesses:
     """A `simulate kra` process, an agent process, and the commands beside it."""
 
-    @pytest.fixture(name="kra")
-    def _kra(self, tmp_path: Path) -> Iterator[SimulatorProcess]:
-        sim = SimulatorProcess(tmp_path, "kra")
-        try:
-            yield sim
-        finally:
-            sim.close()
-
     def state(self, kra: SimulatorProcess) -> dict[str, Any]:
         body: dict[str, Any] = httpx.get(f"{kra.control_url}/_sim/state", timeout=10).json()
         return body

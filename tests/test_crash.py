@@ -75,24 +75,6 @@ def seed() -> int:
     return value
 
 
-@pytest.fixture(name="kra")
-def _kra(tmp_path: Path) -> Iterator[SimulatorProcess]:
-    sim = SimulatorProcess(tmp_path, "kra")
-    try:
-        yield sim
-    finally:
-        sim.close()
-
-
-@pytest.fixture(name="tsms")
-def _tsms(tmp_path: Path) -> Iterator[SimulatorProcess]:
-    sim = SimulatorProcess(tmp_path, "tsms")
-    try:
-        yield sim
-    finally:
-        sim.close()
-
-
 @pytest.fixture(name="agents")
 def _agents(tmp_path: Path, kra: SimulatorProcess, tsms: SimulatorProcess) -> Iterator[Agents]:
     with Agents(tmp_path, kra_url=kra.api_url, tsms_url=tsms.api_url, sign_budget_s=SIGN_BUDGET_S) as agents:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +16,6 @@ from typer.testing import CliRunner
 from agent.cli import app
 
 TSMS_API_KEY = "sim-api-key-0001"  # the simulator's default terminal
-
-
-@pytest.fixture(name="sims")
-def _sims(tmp_path: Path) -> Iterator[tuple[SimulatorProcess, SimulatorProcess]]:
-    kra, tsms = SimulatorProcess(tmp_path, "kra"), SimulatorProcess(tmp_path, "tsms")
-    try:
-        yield kra, tsms
-    finally:
-        kra.close()
-        tsms.close()
 
 
 def findings(config: Path) -> tuple[int, dict[str, dict[str, str]]]:

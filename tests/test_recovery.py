@@ -26,15 +26,6 @@ from agent.queue.recovery import RescueRefused, distrust_numbering, open_or_quar
 BRANCH = "P052112956W/00"  # the simulator's default device
 
 
-@pytest.fixture(name="kra")
-def _kra(tmp_path: Path) -> Iterator[SimulatorProcess]:
-    sim = SimulatorProcess(tmp_path, "kra")
-    try:
-        yield sim
-    finally:
-        sim.close()
-
-
 @pytest.fixture(name="agents")
 def _agents(tmp_path: Path, kra: SimulatorProcess) -> Iterator[Agents]:
     with Agents(tmp_path, kra_url=kra.api_url, sign_budget_s=3.0) as agents:

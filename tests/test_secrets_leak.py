@@ -5,7 +5,6 @@ every reading command run against it, and everything they wrote searched for eve
 from __future__ import annotations
 
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -19,16 +18,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 TILL_TOKEN = "till-token-9f3a7c1e5b2d4068"
 TSMS_KEY = "sim-api-key-0001"
-
-
-@pytest.fixture(name="sims")
-def _sims(tmp_path: Path) -> Iterator[tuple[SimulatorProcess, SimulatorProcess]]:
-    kra, tsms = SimulatorProcess(tmp_path, "kra"), SimulatorProcess(tmp_path, "tsms")
-    try:
-        yield kra, tsms
-    finally:
-        kra.close()
-        tsms.close()
 
 
 def test_no_secret_in_logs_outputs_or_database(tmp_path: Path, sims: tuple[SimulatorProcess, SimulatorProcess]

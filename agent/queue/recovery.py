@@ -15,7 +15,6 @@ without a number and signed in turn. Nothing here talks to the network.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import AgentError, OutboxDamaged, StorageError
+from agent.files import fsync_dir, sha256_of
 from agent.queue.outbox import Outbox, timestamp
 
 QUARANTINE_DIR = "quarantine"
@@ -85,27 +85,11 @@ def quarantine(path: Path, now: datetime) -> Path:
             if source.exists():
                 os.replace(source, Path(f"{target}{suffix}"))
         for directory in (folder, path.parent):
-            _fsync_dir(directory)
+            fsync_dir(directory)
     except OSError as exc:
         raise StorageError(f"the outbox {path} is damaged and could not be moved to {folder} ({exc.strerror}); "
                            "free disk space or fix the folder's permissions, then start the agent again") from exc
     return target
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _open_damaged(path: Path) -> sqlite3.Connection:
