@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 BUILD_STAMP := $(VENV)/.build-stamp
 
-.PHONY: run test test-fast bench lint clean dist smoke
+.PHONY: run test test-fast bench chaos lint clean dist smoke
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed")'
@@ -29,6 +29,12 @@ test-fast: $(STAMP)
 ## bench: throughput and latency of durable intake against bare SQLite
 bench: $(STAMP)
 	$(BIN)/python bench/ingest.py
+
+## chaos: tills on HTTP and serial, kill -9 at random moments, every upstream fault; prints what held
+## (CI runs the short form; the long form by hand: make chaos CHAOS_CYCLES=300)
+CHAOS_CYCLES ?= 12
+chaos: $(STAMP)
+	$(BIN)/python tests/chaos.py --cycles $(CHAOS_CYCLES)
 
 ## dist: the one-file binary dist/etims-agent (PyInstaller, installer/etims-agent.spec), rebuilt every time
 $(BUILD_STAMP): $(STAMP)
