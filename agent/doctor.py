@@ -234,7 +234,7 @@ def _tsms(cfg: Config, secrets: SecretStore | None, clock: Clock, offsets: list[
         try:
             server = datetime.fromisoformat(server_time.replace("Z", "+00:00"))
             offsets.append(("tsms", (server - clock()).total_seconds()))
-        except ValueError:
+        except (ValueError, TypeError):  # TypeError: a time without a UTC offset
             pass
     return Finding("tsms", "ok", f"{t.base_url} answers; terminal {t.hardware_id} is authenticated")
 
