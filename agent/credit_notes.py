@@ -18,7 +18,7 @@ from typing import Any
 from agent.errors import InvalidSale
 from agent.intake import IntakeRules, prepare
 from agent.queue.outbox import NewSale
-from agent.sales import CENT, parse_sale
+from agent.sales import CENT, MAX_QTY, parse_sale
 
 REFUND_REASONS: Mapping[str, str] = {
     "01": "missing quantity",
@@ -76,7 +76,7 @@ def prepare_credit_note(
             "correct and requeue the sale first; a credit note needs a signed original",
         )
     reason = data.get("reason")
-    if reason not in reasons:
+    if not isinstance(reason, str) or reason not in reasons:  # a list or object is not hashable
         raise _invalid(
             "reason",
             "bad_reason",
@@ -179,8 +179,10 @@ def _quantity(value: object, where: str) -> Decimal:
         qty = Decimal(str(value))
     except ArithmeticError:
         raise _invalid(where, "wrong_type", f"{value!r} is not a number", 'e.g. "1.5"') from None
-    if not qty.is_finite() or qty <= 0 or qty != qty.quantize(CENT):
-        raise _invalid(where, "bad_quantity", f"{value!r} must be positive with at most 2 decimals", 'e.g. "1.5"')
+    # Bounded before quantize: a huge value (1e30) cannot be quantized to cents and would raise.
+    if not qty.is_finite() or qty <= 0 or qty >= MAX_QTY or qty != qty.quantize(CENT):
+        raise _invalid(where, "bad_quantity", f"{value!r} must be positive, below {MAX_QTY}, with at most 2 decimals",
+                       'e.g. "1.5"')
     return qty
 
 

@@ -12,7 +12,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any
 
@@ -34,6 +34,7 @@ MAX_LINES_KRA = 9999  # itemSeq is at most four digits
 CENT = Decimal("0.01")
 MAX_QTY = Decimal(10) ** 11  # N(13,2)
 MAX_AMOUNT = Decimal(10) ** 16  # N(18,2)
+EARLIEST, LATEST = datetime(2000, 1, 1, tzinfo=UTC), datetime(2100, 1, 1, tzinfo=UTC)  # issued_at
 
 _SALE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/#-]*")
 _TILL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -228,6 +229,11 @@ def _timestamp(obj: Mapping[str, Any], name: str) -> datetime:
     if value.tzinfo is None or value.utcoffset() is None:
         raise InvalidSale(name, "no_offset",
                           f"{text!r} has no UTC offset; add one, e.g. {text}+03:00")
+    # KRA and head office get the time as YYYYMMDDhhmmss in Nairobi time and in UTC: year 1 or 9999
+    # would not convert (OverflowError in the lanes) and year 5 would give a malformed date.
+    if not EARLIEST <= value < LATEST:
+        raise InvalidSale(name, "out_of_range",
+                          f"{text!r} is not a plausible sale time; expected a time from 2000 to 2099")
     return value
 
 
@@ -275,7 +281,7 @@ def _number(obj: Mapping[str, Any], name: str, prefix: str, *, default: Decimal 
         raise InvalidSale(path, "wrong_type", f"{value!r} is not a number") from None
     if not number.is_finite():
         raise InvalidSale(path, "wrong_type", "expected a finite number, e.g. 58.00")
-    if abs(number) >= MAX_AMOUNT:
+    if number.copy_abs() >= MAX_AMOUNT:  # copy_abs: abs() rounds to the context and overflows on 1E+999999999
         raise InvalidSale(path, "too_large", f"{value} is above KRA's limit of {MAX_AMOUNT}")
     if number != number.quantize(CENT, rounding=ROUND_DOWN):
         raise InvalidSale(path, "too_precise",

@@ -39,8 +39,9 @@ def merge_codes(cached: Mapping[str, Any], fetched: Any) -> dict[str, Any]:
         if not key:
             continue
         entry = merged.setdefault(key, {"codes": {}})
-        entry.update({k: v for k, v in cls.items() if k != "dtlList"})
-        for detail in cls.get("dtlList") or []:
+        entry.update({k: v for k, v in cls.items() if k not in ("dtlList", "codes")})  # "codes" is ours
+        details = cls.get("dtlList")
+        for detail in details if isinstance(details, list) else []:
             if isinstance(detail, dict) and detail.get("cd") is not None:
                 entry["codes"][str(detail["cd"])] = detail
     return merged

@@ -59,8 +59,10 @@ STORAGE_PAUSE_S = 2.0  # how soon to try again after the outbox could not be wri
 SIGNATURE_FIELDS = ("curRcptNo", "totRcptNo", "intrlData", "rcptSign", "sdcDateTime")
 
 
-def signature_from(data: dict[str, Any]) -> dict[str, Any]:
+def signature_from(data: Any) -> dict[str, Any]:
     """The signature block, with sdcDateTime normalised to YYYYMMDDhhmmss (lookups send it dashed)."""
+    if not isinstance(data, dict):  # a malformed answer must not stop the lane after the number is used
+        data = {}
     sig = {k: data.get(k) for k in SIGNATURE_FIELDS}
     raw = str(sig.get("sdcDateTime") or "")
     digits = "".join(c for c in raw.split(".")[0] if c.isdigit())

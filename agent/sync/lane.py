@@ -310,7 +310,7 @@ class TsmsLane:
         received = self._clock()
         server_time = reply.data.get("server_time") if reply.outcome is Outcome.ACCEPTED else None
         if isinstance(server_time, str):
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(ValueError, TypeError):  # TypeError: a time without a UTC offset
                 server = datetime.fromisoformat(server_time.replace("Z", "+00:00"))
                 midpoint = sent + (received - sent) / 2
                 self.clock_offset_s = round((server - midpoint) / timedelta(seconds=1), 3)
