@@ -148,11 +148,18 @@ class KraLane:
             except Exception:  # a bug must not stop the lane for good; the sale is retried later
                 log.exception("kra_lane_error", sale=work.id)
                 with contextlib.suppress(StorageError):
-                    self._store.defer(work.id, work.state, self._clock() + timedelta(seconds=30), "internal error")
+                    # Once the sale holds an invoice number KRA may have it: ask KRA before any resend.
+                    head = self._store.next_work()
+                    numbered = head is not None and head.id == work.id and head.invc_no is not None
+                    self._store.defer(work.id, "unknown" if numbered else work.state,
+                                      self._clock() + timedelta(seconds=30), "internal error")
 
     async def _sleep(self, timeout: float | None) -> None:
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel that lands as the
+        # wake event fires, and the lane would outlive the shutdown that cancelled it.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._wake.wait()
         self._wake.clear()
 
     async def _step(self, work: KraWork) -> None:

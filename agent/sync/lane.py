@@ -134,8 +134,11 @@ class TsmsLane:
                 self._wake.clear()
 
     async def _sleep(self, seconds: float) -> None:
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel that lands as the
+        # wake event fires, and the lane would outlive the shutdown that cancelled it.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
         self._wake.clear()
 
     async def step(self) -> float | None:
