@@ -109,7 +109,12 @@ class PortReader:
             return Answer(422, error_body("invalid_json", "the message is not valid JSON; send one sale as a "
                                           "JSON object"))
         future = asyncio.run_coroutine_threadsafe(self._submit(data), self._loop)
-        return future.result()
+        try:
+            return future.result()
+        except Exception:  # as the HTTP API answers 500: the port must keep serving the till
+            log.exception("serial_sale_error", port=self._settings.url)
+            return Answer(500, error_body("internal", "the agent hit an unexpected error; it is logged, send the "
+                                          "sale again and report it if it persists"))
 
     def _set(self, state: str, detail: str | None) -> None:
         if state != self.state:  # state changes only: an unplugged port is not logged every retry
