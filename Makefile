@@ -26,9 +26,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
-## bench: throughput and latency of durable intake against bare SQLite
+## bench: every benchmark (intake, KRA signing, start-up, memory and disk, TSMS sync) as one table, about
+## 20 minutes; BENCH_ARGS=--quick for a fast look, BENCH_ARGS=--record to write docs/performance.md
 bench: $(STAMP)
-	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/all.py $(BENCH_ARGS)
 
 ## chaos: tills on HTTP and serial, kill -9 at random moments, every upstream fault; prints what held
 ## (CI runs the short form; the long form by hand: make chaos CHAOS_CYCLES=300)

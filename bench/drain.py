@@ -2,8 +2,10 @@
 
     .venv/bin/python bench/drain.py [--sales N] [--latency-ms L] [--online M]
 
-Starts `python -m agent simulate kra` and `python -m agent run` as separate processes (the agent
-initialised with `etims-agent init`, its key in the file secret store) and measures:
+Starts `python -m agent simulate kra`, `python -m agent simulate tsms` and `python -m agent run` as
+separate processes (the agent initialised with `etims-agent init`, its key in the file secret store;
+head office in a process of its own, so the agent does the TSMS lane's work as in a shop, but not the
+simulator's) and measures:
 
 1. drain: N sales are posted while KRA is down (temporary receipts), then KRA comes back with L ms
    added to every answer. The drain rate is N-1 over the time between the first and the last
@@ -15,32 +17,35 @@ initialised with `etims-agent init`, its key in the file secret store) and measu
    the agent (and the simulator's own processing) adds to the network round trip.
 
 Targets (issue 3): drain >= 90 % of 1/L at L = 20 ms; <= 1 connection per 100 requests; online
-overhead p99 < 10 ms. Exit code 0 even when a target is missed (the table says FAIL); 1 if the
-run itself went wrong.
+overhead p99 < 10 ms. Exit code 0 even when a target is missed (the table says MISS); 1 if the
+run itself went wrong. bench/all.py calls `measure(argv)`.
 """
 
 from __future__ import annotations
 
 import argparse
 import sqlite3
-import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
 import httpx
-from ingest import (
-    ROOT,
+from common import (
     AgentProcess,
+    Row,
     SimulatorProcess,
     in_temp_dir,
-    machine_facts,
+    initialise,
+    lane_settings,
     make_sales,
     ms,
     percentile,
-    print_table,
+    say,
+    standalone,
     verdict,
+    write_config,
 )
 
 from agent.app import CMC_KEY
@@ -78,7 +83,8 @@ def cmc_key(data_dir: Path) -> str:
     key = open_secret_store(data_dir, "file").get(CMC_KEY)
     if key is None:
         raise RuntimeError("no cmcKey in the secret store after init")
-    return key.reveal()
+    value: str = key.reveal()
+    return value
 
 
 def signed_times(outbox: Path) -> list[datetime]:
@@ -99,39 +105,34 @@ def wait_signed(outbox: Path, count: int, timeout: float) -> list[datetime]:
     return times
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--sales", type=int, default=1000, help="backlog size for the drain")
     p.add_argument("--latency-ms", type=float, default=TARGET_LATENCY_MS, help="latency KRA adds to each answer")
     p.add_argument("--online", type=int, default=200, help="sales posted one by one with KRA up")
     p.add_argument("--dir", type=Path, default=None, help="where the temporary data directory goes")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.sales < 2 or args.online < 1 or args.latency_ms < 0:
         p.error("--sales must be at least 2, --online at least 1, --latency-ms not negative")
     return args
 
 
-def main() -> int:
-    args = parse_args()
+def measure(argv: Sequence[str] | None = None) -> list[Row]:
+    """Run the benchmark with these command-line options and return its rows."""
+    args = parse_args(argv)
     return in_temp_dir("etims-drain-", args.dir, lambda folder: bench(args, folder))
 
 
-def bench(args: argparse.Namespace, folder: Path) -> int:
-    machine_facts(folder)
+def bench(args: argparse.Namespace, folder: Path) -> list[Row]:
     latency = args.latency_ms / 1000
     kra = KraSimulator(folder)
+    tsms = SimulatorProcess(folder, "tsms")  # head office in a process of its own, as in a shop
     agent = None
     try:
-        settings = (f'[kra]\nbase_url = "{kra.api_url}"\nsign_budget_s = 5\nbackoff_base_s = 0.05\n'
-                    'backoff_max_s = 0.2\n[secrets]\nbackend = "file"\n')
-        (folder / "data").mkdir()
-        (folder / "agent.toml").write_text('data_dir = "data"\n' + settings, encoding="utf-8")
-        init = subprocess.run([sys.executable, "-m", "agent", "init", "--config", str(folder / "agent.toml")],
-                              cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
-        if init.returncode != 0:
-            raise RuntimeError(f"etims-agent init failed:\n{init.stdout}{init.stderr}")
+        settings = lane_settings(kra, tsms, 'sign_budget_s = 5\nbackoff_base_s = 0.05\nbackoff_max_s = 0.2\n')
+        initialise(write_config(folder, settings))
         kra.faults(outage=True)
-        agent = AgentProcess(folder, settings)
+        agent = AgentProcess(folder, settings=None)
         outbox = folder / "data" / "outbox.sqlite3"
         base = f"http://{agent.host}:{agent.port}"
         with httpx.Client(base_url=base, timeout=30) as http:
@@ -139,7 +140,7 @@ def bench(args: argparse.Namespace, folder: Path) -> int:
                 response = http.post("/v1/sales", json=sale)
                 if response.status_code != 201 or response.json()["status"] != "pending":
                     raise RuntimeError(f"backlog sale answered {response.status_code} {response.text[:200]}")
-            print(f"phase 1: {args.sales} sales queued while KRA was down; KRA back with {args.latency_ms:g} ms")
+            say(f"drain phase 1: {args.sales} sales queued while KRA was down; KRA back with {args.latency_ms:g} ms")
             connections, requests = kra.counters()
             kra.faults(outage=False, latency_ms=args.latency_ms)
             times = wait_signed(outbox, args.sales, timeout=args.sales * (latency + 0.05) + 60)
@@ -154,45 +155,44 @@ def bench(args: argparse.Namespace, folder: Path) -> int:
                 answers.append(time.perf_counter() - started)
                 if response.status_code != 201 or response.json()["status"] != "signed":
                     raise RuntimeError(f"online sale answered {response.status_code} {response.text[:200]}")
-            print(f"phase 2: {args.online} sales signed online, one at a time")
+            say(f"drain phase 2: {args.online} sales signed online, one at a time")
         sim_rtt = kra.round_trip(cmc_key(folder / "data"))
         branch = next(iter(kra.state()["branches"].values()))
     finally:
         code = agent.stop() if agent is not None else None
+        tsms.stop()
         kra.stop()
-    print()
 
     limit = 1 / latency if latency else None
     share = rate / limit if limit else None
     per_100 = 100 * (connections2 - connections) / max(1, requests2 - requests)
     overhead = [a - latency for a in answers]
     at_target = args.latency_ms == TARGET_LATENCY_MS
-    print_table([
-        (f"drain rate, {args.sales} sales at L = {args.latency_ms:g} ms", f"{rate:.1f} sales/s",
-         f"limit 1/L = {limit:.1f}" if limit else "(no limit at L = 0)", ""),
-        ("drain rate / (1/L)", f"{share:.1%}" if share is not None else "-",
-         f">= {TARGET_SHARE:.0%}" if at_target else f"(at L = {TARGET_LATENCY_MS:g} ms)",
-         verdict(share >= TARGET_SHARE if at_target and share is not None else None)),
-        ("time per sale beyond L while draining", ms(drain_s / (args.sales - 1) - latency), "", ""),
-        ("  simulator's own answer time at L, p50", ms(sim_rtt), "", ""),
-        ("drain rate / (1 / simulator answer time)", f"{rate * sim_rtt:.1%}", "", ""),
-        ("KRA connections per 100 requests (drain)", f"{per_100:.2f} ({connections2 - connections} for "
-         f"{requests2 - requests})", f"<= {TARGET_CONNECTIONS_PER_100:g}",
-         verdict(per_100 <= TARGET_CONNECTIONS_PER_100)),
-        (f"online answer p50 / p99, {args.online} sales", f"{ms(percentile(answers, 0.5))} / "
-         f"{ms(percentile(answers, 0.99))}", "", ""),
-        ("online overhead (answer - L) p50", ms(percentile(overhead, 0.5)), "", ""),
-        ("online overhead (answer - L) p99", ms(percentile(overhead, 0.99)), f"< {TARGET_OVERHEAD_P99_MS:g} ms",
-         verdict(percentile(overhead, 0.99) * 1000 < TARGET_OVERHEAD_P99_MS)),
-        ("  of which beyond the simulator's answer time, p50", ms(percentile(answers, 0.5) - sim_rtt), "", ""),
-        ("signed at KRA, gaps, signed twice", f"{len(branch['invoices'])}, {len(branch['gaps'])}, "
-         f"{len(branch['trd_invc_no_signed_twice'])}", f"{args.sales + args.online}, 0, 0",
-         verdict(len(branch["invoices"]) == args.sales + args.online and not branch["gaps"]
-                 and not branch["trd_invc_no_signed_twice"])),
-        ("agent stopped by SIGTERM", f"exit {code}", "exit 0", verdict(code == 0)),
-    ])
-    return 0
+    return [
+        Row(f"KRA drain rate, {args.sales} sales at L = {args.latency_ms:g} ms", f"{rate:.1f} sales/s",
+            f"limit 1/L = {limit:.1f} sales/s" if limit else "(no limit at L = 0)"),
+        Row("  drain rate / (1/L)", f"{share:.1%}" if share is not None else "-",
+            f">= {TARGET_SHARE:.0%}" if at_target else f"(target at L = {TARGET_LATENCY_MS:g} ms)",
+            verdict(share >= TARGET_SHARE if at_target and share is not None else None)),
+        Row("  time per sale beyond L while draining", ms(drain_s / (args.sales - 1) - latency)),
+        Row("  simulator's own answer time at L, p50", ms(sim_rtt)),
+        Row("  drain rate / (1 / simulator answer time)", f"{rate * sim_rtt:.1%}"),
+        Row("KRA connections per 100 requests (drain)",
+            f"{per_100:.2f} ({connections2 - connections} for {requests2 - requests})",
+            f"<= {TARGET_CONNECTIONS_PER_100:g}", verdict(per_100 <= TARGET_CONNECTIONS_PER_100)),
+        Row(f"online answer p50 / p99, {args.online} sales signed one by one",
+            f"{ms(percentile(answers, 0.5))} / {ms(percentile(answers, 0.99))}"),
+        Row("online signing overhead (answer - L) p50", ms(percentile(overhead, 0.5))),
+        Row("online signing overhead (answer - L) p99", ms(percentile(overhead, 0.99)),
+            f"< {TARGET_OVERHEAD_P99_MS:g} ms", verdict(percentile(overhead, 0.99) * 1000 < TARGET_OVERHEAD_P99_MS)),
+        Row("  of which beyond the simulator's answer time, p50", ms(percentile(answers, 0.5) - sim_rtt)),
+        Row("KRA: signed at KRA, gaps, signed twice", f"{len(branch['invoices'])}, {len(branch['gaps'])}, "
+            f"{len(branch['trd_invc_no_signed_twice'])}", f"{args.sales + args.online}, 0, 0",
+            verdict(len(branch["invoices"]) == args.sales + args.online and not branch["gaps"]
+                    and not branch["trd_invc_no_signed_twice"]), check=True),
+        Row("KRA: agent stopped by SIGTERM", f"exit {code}", "exit 0", verdict(code == 0), check=True),
+    ]
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(standalone(measure))
