@@ -9,25 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from agent.app import CMC_KEY, open_secrets, outbox_path, uses_builtin_simulator
+from agent.app import CMC_KEY, bind, open_secrets, outbox_path, uses_builtin_simulator
 from agent.clock import Clock
 from agent.config import Config
-from agent.errors import AgentError
+from agent.errors import AgentError, ConfigError
 from agent.keystore import SecretStore
 from agent.kra.client import KraClient
 from agent.kra.payloads import parse_kra_datetime
 from agent.queue.recovery import QUARANTINE_DIR
 from agent.receipt_signing import KEY_NAME as RECEIPT_KEY
 from agent.sync.client import Outcome as TsmsOutcome
-from agent.sync.client import TsmsClient
+from agent.sync.client import TsmsClient, server_time
 from agent.sync.credentials import API_KEY as TSMS_API_KEY
 from agent.sync.credentials import TOKEN as TSMS_TOKEN
 
@@ -155,15 +153,11 @@ def _http(cfg: Config, running: dict[str, Any] | None) -> Finding:
     where = f"{cfg.http.host}:{cfg.http.port}"
     if running is not None:
         return Finding("http", "ok", f"the agent answers on {where}")
-    family = socket.AF_INET6 if ":" in cfg.http.host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((cfg.http.host, cfg.http.port))
-        except OSError as exc:
-            return Finding("http", "fail", f"{where} is taken by another program ({exc.strerror}) and the agent "
-                           "does not answer there", "stop that program, or set another http.port here and on "
-                           "the tills")
+    try:
+        bind(cfg.http.host, cfg.http.port).close()  # exactly as the agent would listen
+    except ConfigError as exc:
+        return Finding("http", "fail", f"{exc.problem} and the agent does not answer there",
+                       "stop that program, or set another http.port here and on the tills")
     return Finding("http", "warn", f"{where} is free: the agent is not running",
                    "start it (`systemctl start etims-agent`, or `etims-agent run`)")
 
@@ -229,13 +223,9 @@ def _tsms(cfg: Config, secrets: SecretStore | None, clock: Clock, offsets: list[
     if reply.outcome is not TsmsOutcome.ACCEPTED:
         return Finding("tsms", "fail", f"{t.base_url} answered {reply.status}: {reply.message}",
                        "check tsms.hardware_id and the API key (`etims-agent init tsms --api-key -`)")
-    server_time = reply.data.get("server_time")
-    if isinstance(server_time, str):
-        try:
-            server = datetime.fromisoformat(server_time.replace("Z", "+00:00"))
-            offsets.append(("tsms", (server - clock()).total_seconds()))
-        except (ValueError, TypeError):  # TypeError: a time without a UTC offset
-            pass
+    server = server_time(reply)
+    if server is not None:
+        offsets.append(("tsms", (server - clock()).total_seconds()))
     return Finding("tsms", "ok", f"{t.base_url} answers; terminal {t.hardware_id} is authenticated")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import json
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -124,6 +125,18 @@ class TsmsClient:
         except httpx.HTTPError as exc:
             return TsmsReply(Outcome.TRANSIENT, 0, f"no answer from TSMS ({type(exc).__name__}: {exc})")
         return classify(answer.status, answer.body, answer.headers)
+
+
+def server_time(reply: TsmsReply) -> datetime | None:
+    """The `server_time` of an accepted answer (heartbeat), or None when absent, unreadable or without a UTC offset."""
+    text = reply.data.get("server_time") if reply.outcome is Outcome.ACCEPTED else None
+    if not isinstance(text, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.utcoffset() is not None else None
 
 
 def _token(reply: TsmsReply) -> Secret | None:

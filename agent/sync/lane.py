@@ -37,7 +37,7 @@ from agent.queue.tsms_store import PendingVoid, Submission, TsmsStore
 from agent.secret import Secret
 from agent.signing import backoff
 from agent.sync.checksum import sign_submission, void_checksum
-from agent.sync.client import Outcome, TsmsClient, TsmsReply
+from agent.sync.client import Outcome, TsmsClient, TsmsReply, server_time
 from agent.sync.transaction import Terminal, tsms_transaction, utc_z
 
 log = get_logger("agent.sync.lane")
@@ -311,14 +311,12 @@ class TsmsLane:
         sent = self._clock()
         reply = await self._client.heartbeat(token)
         received = self._clock()
-        server_time = reply.data.get("server_time") if reply.outcome is Outcome.ACCEPTED else None
-        if isinstance(server_time, str):
-            with contextlib.suppress(ValueError, TypeError):  # TypeError: a time without a UTC offset
-                server = datetime.fromisoformat(server_time.replace("Z", "+00:00"))
-                midpoint = sent + (received - sent) / 2
-                self.clock_offset_s = round((server - midpoint) / timedelta(seconds=1), 3)
-                if self._guard is not None:
-                    self._guard.note("tsms", self.clock_offset_s, received)
+        server = server_time(reply)
+        if server is not None:
+            midpoint = sent + (received - sent) / 2
+            self.clock_offset_s = round((server - midpoint) / timedelta(seconds=1), 3)
+            if self._guard is not None:
+                self._guard.note("tsms", self.clock_offset_s, received)
 
     def _set(self, state: str, detail: str | None) -> None:
         if state != self.state:
