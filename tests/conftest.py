@@ -91,22 +91,22 @@ def _client(outbox: Outbox, clock: FakeClock) -> Iterator[TestClient]:
 
 # Upstream simulators as their own processes (`etims-agent simulate ...`): their state outlives
 # the agents a test starts and kills.
-@pytest.fixture(name="kra")
-def _kra_process(tmp_path: Path) -> Iterator[SimulatorProcess]:
-    sim = SimulatorProcess(tmp_path, "kra")
+def _simulator(tmp_path: Path, kind: str) -> Iterator[SimulatorProcess]:
+    sim = SimulatorProcess(tmp_path, kind)
     try:
         yield sim
     finally:
         sim.close()
+
+
+@pytest.fixture(name="kra")
+def _kra_process(tmp_path: Path) -> Iterator[SimulatorProcess]:
+    yield from _simulator(tmp_path, "kra")
 
 
 @pytest.fixture(name="tsms")
 def _tsms_process(tmp_path: Path) -> Iterator[SimulatorProcess]:
-    sim = SimulatorProcess(tmp_path, "tsms")
-    try:
-        yield sim
-    finally:
-        sim.close()
+    yield from _simulator(tmp_path, "tsms")
 
 
 @pytest.fixture(name="sims")
