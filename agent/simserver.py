@@ -3,15 +3,20 @@
 `SimServer` serves a simulator's ASGI apps on uvicorn in a background thread with its own event
 loop, on two ports: the API port, behind an asyncio TCP relay (`_Relay`) that an outage switches
 off (its listening socket is closed and open connections are reset), that counts connections and
-that can reset one connection; and the control port, served directly and never faulted. A
-subclass gives its apps, its outage flag and where connections are counted; the HTTP and fault
-logic stay in the simulator modules.
+that can reset one connection; and the control port, served directly and never faulted.
+
+It also holds what the two simulators share around their state and fault plan: `faults()`,
+`set_faults()`, `reset()`, `state()`, the `/_sim/state`, `/_sim/faults` and `/_sim/reset`
+endpoints, the outage flag and the `latency_ms` pause. A subclass gives its API route, the answer
+to an unknown API path, how a change to its fault plan is applied (`_merge_faults`) and how it
+writes JSON (`_dumps`); the API and the meaning of every other fault stay in the simulator modules.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import signal
 import socket
@@ -20,13 +25,18 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Generic, Protocol, Self, TypeVar
 
 import uvicorn
+from starlette.applications import Starlette
 from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from agent.clock import Clock
 
 __all__ = ["SimServer", "json_error", "read_json_object", "serve_forever"]
 
@@ -159,18 +169,51 @@ class _Relay:
             pipe.close()
 
 
-class SimServer(ABC):
+class ServerState(Protocol):
+    """What the server needs of a simulator's state (pure, not thread-safe: the server locks)."""
+
+    config: Any  # a dataclass: GET /_sim/state shows it
+
+    def clear(self) -> None:
+        """Forget everything held and counted (POST /_sim/reset with state=true)."""
+
+    def note_connection(self) -> None:
+        """Count one TCP connection to the API port."""
+
+    def snapshot(self) -> dict[str, Any]:
+        """A fresh JSON-able view of the state, the body of GET /_sim/state without faults and config."""
+
+
+class FaultPlan(Protocol):
+    """What the server needs of a simulator's fault plan."""
+
+    outage: bool
+    latency_ms: float
+
+    def describe(self) -> dict[str, Any]:
+        """The plan as GET /_sim/faults shows it."""
+
+
+StateT = TypeVar("StateT", bound=ServerState)
+FaultsT = TypeVar("FaultsT", bound=FaultPlan)
+
+
+class SimServer(ABC, Generic[StateT, FaultsT]):
     """A simulator's two ports, served from a background thread (see the module docstring).
 
-    `with Sub(...).start() as sim:` stops it on exit. `_lock` guards the subclass's state and faults,
-    which may be read and set from any thread; after changing the outage flag call `_sync_outage`
-    (from any thread) or await `_apply_outage` (on the server's loop).
+    `with Sub(...).start() as sim:` stops it on exit. `_lock` guards `_state` and `_faults`, which
+    may be read and set from any thread; after changing the outage flag call `_sync_outage` (from
+    any thread) or await `_apply_outage` (on the server's loop).
     """
 
     _NAME: ClassVar[str]  # "KRA": the thread is "kra-simulator", start's error names "the KRA simulator"
     _API_PATH: ClassVar[str] = ""  # appended to the API port's root to give `api_url`
 
-    def __init__(self) -> None:
+    def __init__(self, state: StateT, new_faults: Callable[[], FaultsT], clock: Clock | None) -> None:
+        self._clock: Clock = clock or utc_now
+        self._state = state
+        self._new_faults = new_faults  # reset starts again from a plan without faults
+        self._faults = new_faults()
         self._lock = threading.RLock()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -184,16 +227,67 @@ class SimServer(ABC):
     # --- what a simulator gives -----------------------------------------------------------------
 
     @abstractmethod
-    def _app(self, *, on_api_port: bool) -> ASGIApp:
-        """The app behind the relay (on_api_port=True) or on the control port."""
+    def _api_route(self) -> Route:
+        """The simulated API's route, served on the API port only."""
+
+    def _more_sim_routes(self) -> list[Route]:
+        """The simulator's own `/_sim/...` routes beside state, faults and reset (on both ports)."""
+        return []
 
     @abstractmethod
+    def _unknown_api_path(self, request: Request, status: int) -> Response:
+        """The API's own answer to a path (404) or method (405) the API port does not serve."""
+
+    @abstractmethod
+    def _merge_faults(self, changes: dict[str, Any]) -> None:
+        """Apply POST /_sim/faults `changes` to `_faults`, called under `_lock`; ValueError, and
+        nothing changes, on a bad entry."""
+
+    @staticmethod
+    def _dumps(value: Any) -> str:
+        """The JSON text of every answer `_json` gives and of the state snapshot."""
+        return json.dumps(value)
+
+    # --- control --------------------------------------------------------------------------------
+
+    def set_faults(self, **faults: Any) -> None:
+        """Same semantics as POST /_sim/faults; ValueError on a bad fault (nothing changes)."""
+        with self._lock:
+            self._merge_faults(faults)
+        self._sync_outage()
+
+    def faults(self) -> dict[str, Any]:
+        with self._lock:
+            return self._faults.describe()
+
+    def reset(self, state: bool = False) -> None:
+        """Clear every fault; with state=True also forget everything held and counted (the state's `clear`)."""
+        self._clear(state)
+        self._sync_outage()
+
+    def state(self) -> dict[str, Any]:
+        """What the simulated server holds and what it saw: the body of GET /_sim/state."""
+        with self._lock:
+            snapshot = self._state.snapshot()
+            snapshot["faults"] = self._faults.describe()
+            snapshot["config"] = dataclasses.asdict(self._state.config)
+        result: dict[str, Any] = json.loads(self._dumps(snapshot))
+        return result
+
+    def _clear(self, state: bool) -> None:
+        with self._lock:
+            self._faults = self._new_faults()
+            if state:
+                self._state.clear()
+
     def _outage(self) -> bool:
         """Whether the API port is to be closed; called under `_lock`."""
+        return self._faults.outage
 
-    @abstractmethod
     def _note_connection(self) -> None:
         """Count a TCP connection to the API port (called on the server's loop)."""
+        with self._lock:
+            self._state.note_connection()
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -283,11 +377,80 @@ class SimServer(ABC):
             await self._apply_outage()
         return BackgroundTask(later)
 
-    def _reset_connection(self, request: Request) -> None:
-        """Reset the API-port connection `request` came on, so that its client gets no answer."""
+    def _drop_connection(self, request: Request) -> Response:
+        """Reset the API-port connection `request` came on, so that its client gets no answer; returns
+        the answer to give, which goes nowhere."""
         client = request.scope.get("client")
         if self._relay is not None and client is not None:
             self._relay.reset(client[1])
+        return Response(status_code=500)
+
+    # --- HTTP -----------------------------------------------------------------------------------
+
+    def _app(self, *, on_api_port: bool) -> ASGIApp:
+        """The app behind the relay (on_api_port=True) or on the control port."""
+        async def faults(request: Request) -> Response:
+            return await self._faults_endpoint(request, on_api_port)
+
+        async def reset(request: Request) -> Response:
+            return await self._reset_endpoint(request, on_api_port)
+
+        routes = [
+            Route("/_sim/state", self._state_endpoint, methods=["GET"]),
+            Route("/_sim/faults", faults, methods=["GET", "POST"]),
+            Route("/_sim/reset", reset, methods=["POST"]),
+            *self._more_sim_routes(),
+        ]
+        if on_api_port:
+            routes.append(self._api_route())
+
+        async def http_error(request: Request, exc: Exception) -> Response:
+            assert isinstance(exc, HTTPException)
+            if on_api_port and not request.url.path.startswith("/_sim/"):
+                return self._unknown_api_path(request, exc.status_code)
+            return json_error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+
+        return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+
+    async def _latency(self) -> None:
+        """Hold an API request for the `latency_ms` fault, if one is set."""
+        with self._lock:
+            latency = self._faults.latency_ms
+        if latency > 0:
+            await self._pause(latency / 1000)
+
+    def _json(self, body: Any, *, status: int = 200, headers: dict[str, str] | None = None,
+              background: BackgroundTask | None = None) -> Response:
+        return Response(self._dumps(body), status_code=status, headers=headers, media_type="application/json",
+                        background=background)
+
+    async def _state_endpoint(self, request: Request) -> Response:
+        return self._json(self.state())
+
+    async def _faults_endpoint(self, request: Request, on_api_port: bool) -> Response:
+        background = None
+        if request.method == "POST":
+            doc = await read_json_object(request)
+            if isinstance(doc, Response):
+                return doc
+            try:
+                with self._lock:
+                    self._merge_faults(doc)
+            except ValueError as exc:
+                return json_error(400, str(exc))
+            background = await self._outage_change(on_api_port)
+        return self._json({"faults": self.faults()}, background=background)
+
+    async def _reset_endpoint(self, request: Request, on_api_port: bool) -> Response:
+        doc = await read_json_object(request, allow_empty=True)
+        if isinstance(doc, Response):
+            return doc
+        state = doc.get("state", False)
+        if not isinstance(state, bool):
+            return json_error(400, "state must be true or false")
+        self._clear(state)
+        return self._json({"faults": self.faults(), "state_cleared": state},
+                          background=await self._outage_change(on_api_port))
 
     # --- the server thread ----------------------------------------------------------------------
 
@@ -374,7 +537,7 @@ def json_error(status: int, message: str) -> Response:
                     status_code=status, media_type="application/json")
 
 
-def serve_forever(simulator: SimServer, host: str, port: int, control_port: int,
+def serve_forever(simulator: SimServer[Any, Any], host: str, port: int, control_port: int,
                   on_ready: Callable[[str, str], None] | None = None) -> None:
     """Serve `simulator` until SIGINT/SIGTERM (when run in the main thread); blocking."""
     stop = threading.Event()

@@ -10,9 +10,10 @@ Two ports:
   while there is no outage.
 * the control port (`control_url`): `/_sim/...` only, never faulted.
 
-The endpoints, their state and validation live in `agent.kra.sim_state` (pure); the ports, relay
-and server thread in `agent.simserver` (shared with the TSMS simulator); this module is the HTTP and
-fault layer. Decisions where KRA's behaviour is not documented:
+The endpoints, their state and validation live in `agent.kra.sim_state` (pure); the ports, relay,
+server thread and the `/_sim/` state, faults and reset endpoints in `agent.simserver` (shared with
+the TSMS simulator); this module is the HTTP and fault layer. Decisions where KRA's behaviour is not
+documented:
 
 * Every answer is HTTP 200 with `{resultCd, resultMsg, resultDt, data}` except: an unknown path is
   HTTP 404 with resultCd `912`; a method other than POST on an API path is HTTP 405 with `912`;
@@ -41,13 +42,9 @@ next `count` saveTrnsSalesOsdc calls that ran for `seconds` after they were proc
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from typing import Any
 
-from starlette.applications import Starlette
-from starlette.background import BackgroundTask
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -66,14 +63,14 @@ from agent.kra.sim_state import (
     kra_time,
     to_json,
 )
-from agent.simserver import ALL_METHODS, SimServer, json_error, read_json_object, utc_now
+from agent.simserver import ALL_METHODS, SimServer, json_error, read_json_object
 
 __all__ = ["SimDevice", "Simulator", "SimulatorConfig", "serve_forever"]
 
 _DEFAULT_CONFIG = SimulatorConfig()
 
 
-class Simulator(SimServer):
+class Simulator(SimServer[SimState, Faults]):
     """KRA's OSCU API on real sockets, served from a background thread (see the module docstring).
 
     `with Simulator(cfg).start() as sim:` stops it on exit. State and faults may be read and set
@@ -84,10 +81,7 @@ class Simulator(SimServer):
     _API_PATH = "/etims-api"
 
     def __init__(self, config: SimulatorConfig = _DEFAULT_CONFIG, clock: Clock | None = None) -> None:
-        super().__init__()
-        self._clock: Clock = clock or utc_now
-        self._state = SimState(config)
-        self._faults = Faults()
+        super().__init__(SimState(config), Faults, clock)
 
     # --- control --------------------------------------------------------------------------------
 
@@ -101,68 +95,25 @@ class Simulator(SimServer):
         with self._lock:
             self._state.config = changed_config(self._state.config, changes)
 
-    def set_faults(self, **faults: Any) -> None:
-        """Same semantics as POST /_sim/faults; ValueError on a bad fault (nothing changes)."""
-        with self._lock:
-            self._faults.merge(faults, self._state.paths)
-        self._sync_outage()
-
-    def faults(self) -> dict[str, Any]:
-        with self._lock:
-            return self._faults.describe()
-
-    def reset(self, state: bool = False) -> None:
-        """Clear every fault; with state=True also forget devices' keys, items, sales and counters."""
-        with self._lock:
-            self._faults = Faults()
-            if state:
-                self._state.clear()
-        self._sync_outage()
-
-    def state(self) -> dict[str, Any]:
-        """What KRA holds and what it saw: the body of GET /_sim/state."""
-        with self._lock:
-            snapshot = self._state.snapshot()
-            snapshot["faults"] = self._faults.describe()
-            snapshot["config"] = dataclasses.asdict(self._state.config)
-        result: dict[str, Any] = json.loads(to_json(snapshot))
-        return result
-
     # --- what the server asks -------------------------------------------------------------------
 
-    def _outage(self) -> bool:
-        return self._faults.outage
+    def _merge_faults(self, changes: dict[str, Any]) -> None:
+        self._faults.merge(changes, self._state.paths)
 
-    def _note_connection(self) -> None:
-        with self._lock:
-            self._state.note_connection()
+    # Decimals as exact numbers, in the state snapshot as in the API's answers.
+    _dumps = staticmethod(to_json)
+
+    def _api_route(self) -> Route:
+        return Route(self._API_PATH + "/{name:path}", self._api, methods=ALL_METHODS)
+
+    def _more_sim_routes(self) -> list[Route]:
+        return [Route("/_sim/config", self._config_endpoint, methods=["GET", "POST"])]
+
+    def _unknown_api_path(self, request: Request, status: int) -> Response:
+        return self._reply(request.url.path, Answer.of("912", f"there is no API {request.url.path}",
+                                                       http_status=status))
 
     # --- HTTP -----------------------------------------------------------------------------------
-
-    def _app(self, *, on_api_port: bool) -> Starlette:
-        async def faults(request: Request) -> Response:
-            return await self._faults_endpoint(request, on_api_port)
-
-        async def reset(request: Request) -> Response:
-            return await self._reset_endpoint(request, on_api_port)
-
-        routes = [
-            Route("/_sim/state", self._state_endpoint, methods=["GET"]),
-            Route("/_sim/faults", faults, methods=["GET", "POST"]),
-            Route("/_sim/reset", reset, methods=["POST"]),
-            Route("/_sim/config", self._config_endpoint, methods=["GET", "POST"]),
-        ]
-        if on_api_port:
-            routes.append(Route("/etims-api/{name:path}", self._api, methods=ALL_METHODS))
-
-        async def http_error(request: Request, exc: Exception) -> Response:
-            assert isinstance(exc, HTTPException)
-            if on_api_port and not request.url.path.startswith("/_sim/"):
-                return self._reply(request.url.path, Answer.of("912", f"there is no API {request.url.path}",
-                                                               http_status=exc.status_code))
-            return json_error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
-
-        return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
 
     async def _api(self, request: Request) -> Response:
         name: str = request.path_params["name"]
@@ -174,17 +125,17 @@ class Simulator(SimServer):
         if request.method != "POST":
             return self._reply(name, Answer.of("912", f"use POST, not {request.method}", http_status=405))
         body = await request.body()
-        with self._lock:
-            latency = self._faults.latency_ms
-        if latency > 0:
-            await self._pause(latency / 1000)
+        await self._latency()
         headers = {key.lower(): value for key, value in request.headers.items()}
         with self._lock:
             if name == SAVE_SALE:
                 self._state.note_attempt(headers, body)
             fault = self._faults.take(name)
         if fault is not None and fault.kind == "reset":
-            return self._drop_connection(request, name)
+            dropped = self._drop_connection(request)
+            with self._lock:
+                self._state.note_result(name, "reset")
+            return dropped
         answer = None
         if fault is None or fault.commit:
             with self._lock:
@@ -212,12 +163,6 @@ class Simulator(SimServer):
             self._state.note_result(name, "malformed-json")
         return Response(text[: max(1, len(text) // 2)], media_type="application/json")
 
-    def _drop_connection(self, request: Request, name: str) -> Response:
-        self._reset_connection(request)
-        with self._lock:
-            self._state.note_result(name, "reset")
-        return Response(status_code=500)  # goes nowhere: the relay already reset the connection
-
     def _envelope(self, answer: Answer) -> str:
         return to_json({"resultCd": answer.code, "resultMsg": answer.message, "resultDt": kra_time(self._clock()),
                         "data": answer.data})
@@ -226,36 +171,6 @@ class Simulator(SimServer):
         with self._lock:
             self._state.note_result(name, answer.code)
         return Response(self._envelope(answer), status_code=answer.http_status, media_type="application/json")
-
-    async def _state_endpoint(self, request: Request) -> Response:
-        return _json(self.state())
-
-    async def _faults_endpoint(self, request: Request, on_api_port: bool) -> Response:
-        background = None
-        if request.method == "POST":
-            doc = await read_json_object(request)
-            if isinstance(doc, Response):
-                return doc
-            try:
-                with self._lock:
-                    self._faults.merge(doc, self._state.paths)
-            except ValueError as exc:
-                return json_error(400, str(exc))
-            background = await self._outage_change(on_api_port)
-        return _json({"faults": self.faults()}, background)
-
-    async def _reset_endpoint(self, request: Request, on_api_port: bool) -> Response:
-        doc = await read_json_object(request, allow_empty=True)
-        if isinstance(doc, Response):
-            return doc
-        state = doc.get("state", False)
-        if not isinstance(state, bool):
-            return json_error(400, "state must be true or false")
-        with self._lock:
-            self._faults = Faults()
-            if state:
-                self._state.clear()
-        return _json({"faults": self.faults(), "state_cleared": state}, await self._outage_change(on_api_port))
 
     async def _config_endpoint(self, request: Request) -> Response:
         if request.method == "POST":
@@ -266,11 +181,7 @@ class Simulator(SimServer):
                 self.configure(**doc)
             except ValueError as exc:
                 return json_error(400, str(exc))
-        return _json({"config": dataclasses.asdict(self.config)})
-
-
-def _json(body: Any, background: BackgroundTask | None = None) -> Response:
-    return Response(to_json(body), media_type="application/json", background=background)
+        return self._json({"config": dataclasses.asdict(self.config)})
 
 
 def serve_forever(config: SimulatorConfig, host: str, port: int, control_port: int,

@@ -1,7 +1,8 @@
 """A local double of the head office's TSMS server (HEAD behaviour, tsms-api.md §1-§4), served over
 real sockets, with fault injection. Every TSMS test of the project talks to it.
 
-Built like the KRA simulator (`agent.kra.simulator`), on the same server (`agent.simserver`):
+Built like the KRA simulator (`agent.kra.simulator`), on the same server (`agent.simserver`, which
+also serves the `/_sim/` state, faults and reset endpoints):
 
 * the API port (`api_url`, the server's root: the API is under /api/v1, as on the real server, so
   it is what `[tsms] base_url` takes): an asyncio TCP relay in front of a Starlette app on
@@ -34,23 +35,17 @@ layer. Decisions of this layer:
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from collections.abc import Callable
 from typing import Any
 
-from starlette.applications import Starlette
-from starlette.background import BackgroundTask
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from agent import simserver
 from agent.clock import Clock
-from agent.simserver import ALL_METHODS, SimServer, json_error, read_json_object, utc_now
+from agent.simserver import ALL_METHODS, SimServer
 from agent.sync.sim_state import (
-    Answer,
     ApiRequest,
     Faults,
     SimState,
@@ -65,7 +60,7 @@ _DEFAULT_CONFIG = TsmsSimulatorConfig()
 API_PREFIX = "/api/v1"
 
 
-class Simulator(SimServer):
+class Simulator(SimServer[SimState, Faults]):
     """The TSMS server on real sockets, served from a background thread (see the module docstring).
 
     `with Simulator(cfg).start() as sim:` stops it on exit. State and faults may be read and set
@@ -75,10 +70,7 @@ class Simulator(SimServer):
     _NAME = "TSMS"
 
     def __init__(self, config: TsmsSimulatorConfig = _DEFAULT_CONFIG, clock: Clock | None = None) -> None:
-        super().__init__()
-        self._clock: Clock = clock or utc_now
-        self._state = SimState(config)
-        self._faults = Faults()
+        super().__init__(SimState(config), Faults, clock)
 
     # --- control --------------------------------------------------------------------------------
 
@@ -87,71 +79,20 @@ class Simulator(SimServer):
         with self._lock:
             return self._state.config
 
-    def set_faults(self, **faults: Any) -> None:
-        """Same semantics as POST /_sim/faults; ValueError on a bad fault (nothing changes)."""
-        with self._lock:
-            self._merge_faults(faults)
-        self._sync_outage()
-
-    def faults(self) -> dict[str, Any]:
-        with self._lock:
-            return self._faults.describe()
-
-    def reset(self, state: bool = False) -> None:
-        """Clear every fault; with state=True also forget tokens, submissions, transactions and counters."""
-        with self._lock:
-            self._faults = Faults()
-            if state:
-                self._state.clear()
-        self._sync_outage()
-
-    def state(self) -> dict[str, Any]:
-        """What head office holds and what it saw: the body of GET /_sim/state."""
-        with self._lock:
-            snapshot = self._state.snapshot()
-            snapshot["faults"] = self._faults.describe()
-            snapshot["config"] = dataclasses.asdict(self._state.config)
-        result: dict[str, Any] = json.loads(json.dumps(snapshot))
-        return result
-
-    def _merge_faults(self, faults: dict[str, Any]) -> None:
-        if self._faults.merge(faults):
-            self._state.revoke_all_tokens()
-
     # --- what the server asks -------------------------------------------------------------------
 
-    def _outage(self) -> bool:
-        return self._faults.outage
+    def _merge_faults(self, changes: dict[str, Any]) -> None:
+        if self._faults.merge(changes):  # revoke_tokens is an action, taken as the plan changes
+            self._state.revoke_all_tokens()
 
-    def _note_connection(self) -> None:
-        with self._lock:
-            self._state.note_connection()
+    def _api_route(self) -> Route:
+        return Route(API_PREFIX + "/{path:path}", self._api, methods=ALL_METHODS)
+
+    def _unknown_api_path(self, request: Request, status: int) -> Response:
+        return self._json({"message": f"The route {request.url.path.lstrip('/')} could not be found."},
+                          status=status)
 
     # --- HTTP -----------------------------------------------------------------------------------
-
-    def _app(self, *, on_api_port: bool) -> Starlette:
-        async def faults(request: Request) -> Response:
-            return await self._faults_endpoint(request, on_api_port)
-
-        async def reset(request: Request) -> Response:
-            return await self._reset_endpoint(request, on_api_port)
-
-        routes = [
-            Route("/_sim/state", self._state_endpoint, methods=["GET"]),
-            Route("/_sim/faults", faults, methods=["GET", "POST"]),
-            Route("/_sim/reset", reset, methods=["POST"]),
-        ]
-        if on_api_port:
-            routes.append(Route(API_PREFIX + "/{path:path}", self._api, methods=ALL_METHODS))
-
-        async def http_error(request: Request, exc: Exception) -> Response:
-            assert isinstance(exc, HTTPException)
-            if on_api_port and not request.url.path.startswith("/_sim/"):
-                return _json({"message": f"The route {request.url.path.lstrip('/')} could not be found."},
-                             status=exc.status_code)
-            return json_error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
-
-        return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
 
     async def _api(self, request: Request) -> Response:
         path: str = request.path_params["path"]
@@ -160,9 +101,7 @@ class Simulator(SimServer):
         headers = {key.lower(): value for key, value in request.headers.items()}
         with self._lock:
             self._state.note_request(name)
-            latency = self._faults.latency_ms
-        if latency > 0:
-            await self._pause(latency / 1000)
+        await self._latency()
         lose = False
         with self._lock:
             fault = self._faults.take(name)
@@ -180,52 +119,7 @@ class Simulator(SimServer):
                     lose = True
         if lose:
             return self._drop_connection(request)
-        return _answer(answer)
-
-    def _drop_connection(self, request: Request) -> Response:
-        self._reset_connection(request)
-        return Response(status_code=500)  # goes nowhere: the relay already reset the connection
-
-    async def _state_endpoint(self, request: Request) -> Response:
-        return _json(self.state())
-
-    async def _faults_endpoint(self, request: Request, on_api_port: bool) -> Response:
-        background = None
-        if request.method == "POST":
-            doc = await read_json_object(request)
-            if isinstance(doc, Response):
-                return doc
-            try:
-                with self._lock:
-                    self._merge_faults(doc)
-            except ValueError as exc:
-                return json_error(400, str(exc))
-            background = await self._outage_change(on_api_port)
-        return _json({"faults": self.faults()}, background=background)
-
-    async def _reset_endpoint(self, request: Request, on_api_port: bool) -> Response:
-        doc = await read_json_object(request, allow_empty=True)
-        if isinstance(doc, Response):
-            return doc
-        state = doc.get("state", False)
-        if not isinstance(state, bool):
-            return json_error(400, "state must be true or false")
-        with self._lock:
-            self._faults = Faults()
-            if state:
-                self._state.clear()
-        return _json({"faults": self.faults(), "state_cleared": state},
-                     background=await self._outage_change(on_api_port))
-
-
-def _answer(answer: Answer) -> Response:
-    return _json(answer.body, status=answer.status, headers=dict(answer.headers))
-
-
-def _json(body: Any, *, status: int = 200, headers: dict[str, str] | None = None,
-          background: BackgroundTask | None = None) -> Response:
-    return Response(json.dumps(body), status_code=status, headers=headers, media_type="application/json",
-                    background=background)
+        return self._json(answer.body, status=answer.status, headers=dict(answer.headers))
 
 
 def serve_forever(config: TsmsSimulatorConfig, host: str, port: int, control_port: int,
