@@ -272,6 +272,31 @@ def test_allocate_refuses_a_sale_parked_meanwhile(outbox: Outbox, clock: FakeClo
     assert outbox.verify() == []
 
 
+def test_a_signature_is_committed_without_its_own_fsync_and_every_other_write_keeps_it(
+        db_path: Path, clock: FakeClock) -> None:
+    """The signature's write skips its fsync (the next commit carries it); the connection goes back to
+    synchronous=FULL at once, also when the write fails, so no sale is ever acknowledged unflushed."""
+    box = Outbox.open(db_path)
+    store(box, clock, 2)
+    kra = KraStore(box)
+    head = kra.next_work()
+    assert head is not None and kra.allocate(head.id, lambda n: f"request {n}", clock()) is not None
+    full = 2  # PRAGMA synchronous: 1 is NORMAL, 2 is FULL
+    kra.signed(head.id, {"rcptSign": "X"}, clock(), adopted=False)
+    assert box._conn.execute("PRAGMA synchronous").fetchone()[0] == full
+    with pytest.raises(TypeError):  # fails inside the transaction: the sale has no number to return
+        kra.signed(10_000, {"rcptSign": "Y"}, clock(), adopted=False)
+    assert box._conn.execute("PRAGMA synchronous").fetchone()[0] == full
+    box.close()
+    box = Outbox.open(db_path, readonly=True)
+    try:
+        signed = [s for s in box.all_sales() if s.kra_state == "signed"]
+        assert [s.kra_signature for s in signed] == [{"rcptSign": "X"}]
+        assert box.verify() == []
+    finally:
+        box.close()
+
+
 def test_verify_reports_invoice_number_gaps(db_path: Path, clock: FakeClock) -> None:
     """verify lists KRA invoice numbers no sale holds; numbers a strict KRA told us to skip are not gaps."""
     box = Outbox.open(db_path)

@@ -184,12 +184,18 @@ class Outbox:
             self._conn.close()
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _write(self, *, flush: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction. flush=False commits without its own fsync (synchronous=NORMAL): it
+        survives a crash of the process at once and a power cut once the next commit's fsync of the
+        write-ahead log has carried it too. Only for what can be learned again if a power cut loses it.
+        """
         # BEGIN IMMEDIATE takes the write lock up front: a deferred BEGIN that reads first can fail
         # with SQLITE_BUSY when it upgrades, if a technician's command writes at the same moment.
         with self._lock:
             self._pending_head = None
             try:
+                if not flush:
+                    self._conn.execute("PRAGMA synchronous = NORMAL")
                 self._conn.execute("BEGIN IMMEDIATE")
                 try:
                     yield self._conn
@@ -218,6 +224,16 @@ class Outbox:
                                    "there is room") from exc
                 raise StorageError(f"writing to the outbox {self.path} failed: {exc}; "
                                    "check free disk space and run `etims-agent doctor`") from exc
+            finally:
+                if not flush:
+                    self._restore_full_sync()
+
+    def _restore_full_sync(self) -> None:
+        try:
+            self._conn.execute("PRAGMA synchronous = FULL")
+        except sqlite3.Error as exc:  # every later sale would be committed without its fsync
+            raise StorageError(f"the outbox {self.path} could not return to synchronous=FULL: {exc}; "
+                               "restart the agent") from exc
 
     def _rollback_after(self, failure: sqlite3.Error) -> None:
         # The failure may have ended the transaction already, or the connection may be unusable;
