@@ -336,7 +336,9 @@ class TestRequeue:
         assert "queued again with no invoice number" in result.output and "before every later sale" in result.output
         back = record(box, first)
         assert (back.kra_state, back.kra_invc_no, back.kra_error) == ("queued", None, None)
-        assert column(box, first, "kra_request") is None and column(box, first, "kra_attempts") == 0
+        assert column(box, first, "kra_attempts") == 0
+        assert box._reader.execute("SELECT count(*) FROM outgoing WHERE sale_ref = ? AND lane = 'kra'",
+                                   (first,)).fetchone()[0] == 0  # the old request is gone with its number
         event, detail = entries(box, first)[-1]
         assert event == "requeued"
         assert detail == {"lane": "kra", "from": "parked", "to": "queued", "error": "910: item class unknown",

@@ -97,6 +97,39 @@ class TestDurability:
         finally:
             box.close()
 
+    def test_upgrade_moves_the_texts_still_to_send_out_of_the_sales_rows(self, db_path: Path) -> None:
+        """m006: a request or transaction not yet acknowledged moves to `outgoing` unchanged; one
+        already acknowledged is dropped, and so is the body of a submission head office holds."""
+        db_path.parent.mkdir(parents=True)
+        conn = sqlite3.connect(db_path, isolation_level=None)
+        migrations.apply(Database(conn), stop_before="m006_outgoing")
+        rows = [  # (kra_state, kra_request, tsms_state, tsms_transaction)
+            ("signed", "request 1", "synced", "transaction 1"),
+            ("in_flight", "request 2", "batched", "transaction 2"),
+            ("queued", None, "pending", "transaction 3"),
+        ]
+        for n, (kra, request, tsms, transaction) in enumerate(rows, 1):
+            conn.execute("INSERT INTO sales (till_id, sale_id, content_hash, sale, amounts, total, receipt_no, "
+                         "accepted_at, kra_state, kra_request, tsms_state, tsms_transaction) "
+                         "VALUES ('T', ?, 'h', '{}', '{}', '1.00', ?, 'at', ?, ?, ?, ?)",
+                         (f"S-{n}", n, kra, request, tsms, transaction))
+        for uuid, state in (("u-accepted", "accepted"), ("u-pending", "pending")):
+            conn.execute("INSERT INTO tsms_submissions (uuid, body, sales, state, created_at, updated_at) "
+                         "VALUES (?, 'body', 1, ?, 'at', 'at')", (uuid, state))
+        conn.close()
+
+        Outbox.open(db_path).close()
+        conn = sqlite3.connect(db_path)
+        try:
+            assert conn.execute("SELECT sale_ref, lane, body FROM outgoing ORDER BY sale_ref, lane").fetchall() == [
+                (2, "kra", "request 2"), (2, "tsms", "transaction 2"), (3, "tsms", "transaction 3")]
+            columns = {r[1] for r in conn.execute("PRAGMA table_info(sales)")}
+            assert not {"kra_request", "tsms_transaction"} & columns
+            assert dict(conn.execute("SELECT uuid, body FROM tsms_submissions")) == {
+                "u-accepted": "", "u-pending": "body"}
+        finally:
+            conn.close()
+
     def test_damaged_file_is_refused_with_advice(self, tmp_path: Path) -> None:
         """A file that is not a database gives a StorageError that says what happens next."""
         path = tmp_path / "outbox.sqlite3"

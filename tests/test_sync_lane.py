@@ -131,7 +131,7 @@ def test_rejected_sale_is_set_aside_and_the_rest_arrive(sim: Simulator, db_path:
     bad = outbox.get("TILL-1", "S-3")
     assert bad is not None
     conn = outbox._conn  # spoil one stored transaction, as a bug in an older version might have
-    conn.execute("UPDATE sales SET tsms_transaction = replace(tsms_transaction, '\"NONE\"', '\"\"') WHERE id = ?",
+    conn.execute("UPDATE outgoing SET body = replace(body, '\"NONE\"', '\"\"') WHERE sale_ref = ? AND lane = 'tsms'",
                  (bad.id,))
     with client:
         wait_for(lambda: all(s.tsms_state in ("synced", "rejected") for s in outbox.all_sales()))

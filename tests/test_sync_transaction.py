@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from decimal import Decimal
 
 from conftest import RULES, FakeClock, make_sale
 
 from agent.intake import accept, prepare
+from agent.queue.kra_store import KraStore
 from agent.queue.outbox import Outbox
+from agent.queue.tsms_store import TsmsStore
 from agent.sync.lane import head_office_builder
 from agent.sync.transaction import ADJUSTMENT_TYPES, Terminal, tsms_transaction
 
@@ -62,10 +65,42 @@ def test_built_once_at_acceptance(outbox: Outbox, clock: FakeClock) -> None:
     accept(outbox, make_sale(), rules, clock())
     accept(outbox, make_sale(), rules, clock())  # a replay
     conn = outbox._reader
-    rows = conn.execute("SELECT tsms_id, tsms_transaction, receipt_no FROM sales").fetchall()
+    rows = conn.execute("SELECT tsms_id, body, receipt_no FROM sales JOIN outgoing ON sale_ref = id "
+                        "AND lane = 'tsms'").fetchall()
     assert len(rows) == 1
     tsms_id, text, receipt_no = rows[0]
     assert tsms_id == "11111111-1111-4111-8111-111111111111"
     body = json.loads(text)
     assert body["transaction_id"] == tsms_id and body["receipt_no"] == str(receipt_no)
     assert '"gross_sales":176.00' in text  # exact decimals on the wire, never through float
+
+
+def test_the_texts_to_send_are_kept_until_acknowledged_then_dropped(outbox: Outbox, clock: FakeClock) -> None:
+    """The KRA request stays until KRA signs, the transaction until head office holds its submission;
+    then both go (with the submission's body), and the sale keeps its invoice number and transaction id."""
+    rules = RULES.__class__(tax_rates=RULES.tax_rates, head_office=head_office_builder(TERMINAL))
+    accept(outbox, make_sale(), rules, clock())
+    conn = outbox._reader
+
+    def texts() -> dict[str, str]:
+        return dict(conn.execute("SELECT lane, body FROM outgoing").fetchall())
+
+    kra, tsms = KraStore(outbox), TsmsStore(outbox)
+    work = kra.next_work()
+    assert work is not None and set(texts()) == {"tsms"}
+    allocated = kra.allocate(work.id, lambda n: f"request {n}", clock())
+    assert allocated == (1, "request 1") and texts()["kra"] == "request 1"
+    assert kra.next_work() == replace(work, state="in_flight", invc_no=1, request="request 1")
+    kra.signed(work.id, {"rcptSign": "X"}, clock(), adopted=False)
+    assert set(texts()) == {"tsms"}
+
+    (pending,) = tsms.unsynced(10)
+    assert pending.transaction == texts()["tsms"]
+    tsms.create_submission("u-1", '{"transactions": []}', [pending.id], {}, clock())
+    assert tsms.open_submission() is not None and set(texts()) == {"tsms"}
+    tsms.accepted("u-1", 200, clock())
+    assert texts() == {} and tsms.open_submission() is None
+    assert conn.execute("SELECT body FROM tsms_submissions").fetchall() == [("",)]
+    record = outbox.by_id(work.id)
+    assert record is not None and (record.kra_invc_no, record.kra_state, record.tsms_state) == (1, "signed", "synced")
+    assert outbox.verify() == []

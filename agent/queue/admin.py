@@ -168,8 +168,10 @@ class OutboxAdmin:
     def _details(self, conn: sqlite3.Connection, sale_ref: int) -> dict[str, Any]:
         row = conn.execute(
             "SELECT id, till_id, sale_id, kind, receipt_no, accepted_at, total, content_hash, sale, amounts, "
-            "original_id, refund_reason, kra_state, kra_invc_no, kra_request, kra_attempts, kra_next_attempt_at, "
-            "kra_error, kra_signature, kra_signed_at, tsms_state, tsms_id, tsms_transaction, tsms_submission, "
+            "original_id, refund_reason, kra_state, kra_invc_no, "
+            "(SELECT body FROM outgoing WHERE sale_ref = sales.id AND lane = 'kra'), kra_attempts, "
+            "kra_next_attempt_at, kra_error, kra_signature, kra_signed_at, tsms_state, tsms_id, "
+            "(SELECT body FROM outgoing WHERE sale_ref = sales.id AND lane = 'tsms'), tsms_submission, "
             "tsms_synced_at FROM sales WHERE id = ?", (sale_ref,)).fetchone()
         if row is None:
             raise SaleNotFound(f"sale {sale_ref} is not stored")
@@ -298,9 +300,10 @@ class OutboxAdmin:
                         f"invoice {later[3]} and is {later[2]}; requeue once the lane has settled it "
                         "(see `etims-agent outbox list --kra " + later[2] + "`). Nothing was changed")
                 dropped = row["kra_invc_no"]
-                conn.execute("UPDATE sales SET kra_state = 'queued', kra_invc_no = NULL, kra_request = NULL, "
+                conn.execute("UPDATE sales SET kra_state = 'queued', kra_invc_no = NULL, "
                              "kra_error = NULL, kra_attempts = 0, kra_next_attempt_at = NULL "
                              "WHERE id = ? AND kra_state = 'parked'", (sale_ref,))
+                conn.execute("DELETE FROM outgoing WHERE sale_ref = ? AND lane = 'kra'", (sale_ref,))
                 ahead = _ahead(conn, sale_ref)
                 self._box._journal(conn, at, "requeued", sale_ref, {
                     "lane": "kra", "from": "parked", "to": "queued", "error": row["kra_error"],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sqlite3
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -18,7 +19,7 @@ from agent.queue.schema import kra_pending
 from agent.signing import KraWork
 
 _WORK_COLUMNS = (
-    "s.id, s.till_id, s.sale_id, s.kind, s.kra_state, s.kra_invc_no, s.kra_request, s.kra_attempts, "
+    "s.id, s.till_id, s.sale_id, s.kind, s.kra_state, s.kra_invc_no, k.body, s.kra_attempts, "
     "s.kra_next_attempt_at, s.sale, s.amounts, o.kra_invc_no, s.refund_reason"
 )
 
@@ -35,6 +36,12 @@ def _work(row: tuple[Any, ...]) -> KraWork:
 
 class _NotQueued(Exception):
     pass
+
+
+def _keep_request(conn: sqlite3.Connection, sale_ref: int, request: str) -> None:
+    """The exact request, kept until KRA has signed the sale: a resend sends these bytes again."""
+    conn.execute("INSERT INTO outgoing (sale_ref, lane, body) VALUES (?, 'kra', ?) "
+                 "ON CONFLICT (sale_ref, lane) DO UPDATE SET body = excluded.body", (sale_ref, request))
 
 
 class KraStore:
@@ -65,6 +72,7 @@ class KraStore:
         with self._box._read() as conn:
             row = conn.execute(
                 f"SELECT {_WORK_COLUMNS} FROM sales s LEFT JOIN sales o ON o.id = s.original_id "
+                "LEFT JOIN outgoing k ON k.sale_ref = s.id AND k.lane = 'kra' "
                 f"WHERE {kra_pending('s')} ORDER BY s.id LIMIT 1"
             ).fetchone()
         return None if row is None else _work(row)
@@ -87,12 +95,13 @@ class KraStore:
                 ).fetchone()[0]
                 request = build(invc_no)
                 moved = conn.execute(
-                    "UPDATE sales SET kra_state = 'in_flight', kra_invc_no = ?, kra_request = ?, "
+                    "UPDATE sales SET kra_state = 'in_flight', kra_invc_no = ?, "
                     "kra_next_attempt_at = NULL, kra_error = NULL WHERE id = ? AND kra_state = 'queued'",
-                    (invc_no, request, sale_ref),
+                    (invc_no, sale_ref),
                 ).rowcount
                 if moved != 1:
                     raise _NotQueued  # rolls the counter back with everything else
+                _keep_request(conn, sale_ref, request)
                 self._box._journal(conn, at, "sent", sale_ref, {
                     "invc_no": invc_no, "request_sha256": hashlib.sha256(request.encode()).hexdigest(),
                 })
@@ -107,10 +116,8 @@ class KraStore:
             old = conn.execute("SELECT kra_invc_no FROM sales WHERE id = ?", (sale_ref,)).fetchone()[0]
             request = build(invc_no)
             conn.execute("UPDATE counters SET value = ? WHERE name = 'invc_no'", (invc_no,))
-            conn.execute(
-                "UPDATE sales SET kra_state = 'in_flight', kra_invc_no = ?, kra_request = ? WHERE id = ?",
-                (invc_no, request, sale_ref),
-            )
+            conn.execute("UPDATE sales SET kra_state = 'in_flight', kra_invc_no = ? WHERE id = ?", (invc_no, sale_ref))
+            _keep_request(conn, sale_ref, request)
             self._box._journal(conn, at, "renumbered", sale_ref, {"from": old, "to": invc_no})
         return request
 
@@ -131,6 +138,8 @@ class KraStore:
                 "kra_next_attempt_at = NULL WHERE id = ? RETURNING kra_invc_no",
                 (json.dumps(signature, sort_keys=True), at, sale_ref),
             ).fetchone()[0]
+            # KRA holds the sale now; the request's SHA-256 stays in the journal's `sent` entry.
+            conn.execute("DELETE FROM outgoing WHERE sale_ref = ? AND lane = 'kra'", (sale_ref,))
             self._box._journal(conn, at, "signed", sale_ref, {
                 "invc_no": invc_no, "rcpt_sign": signature.get("rcptSign"),
                 "sdc_date_time": signature.get("sdcDateTime"), "adopted": adopted,

@@ -284,8 +284,10 @@ class Outbox:
                 return Accepted(record, created=False)
             sale_ref, receipt_no = inserted
             if new.head_office is not None:
-                conn.execute("UPDATE sales SET tsms_id = ?, tsms_transaction = ? WHERE id = ?",
-                             (*new.head_office(receipt_no), sale_ref))
+                tsms_id, transaction = new.head_office(receipt_no)
+                conn.execute("UPDATE sales SET tsms_id = ? WHERE id = ?", (tsms_id, sale_ref))
+                conn.execute("INSERT INTO outgoing (sale_ref, lane, body) VALUES (?, 'tsms', ?)",
+                             (sale_ref, transaction))
             detail: dict[str, Any] = {
                 "till_id": new.till_id, "sale_id": new.sale_id, "content_hash": new.content_hash,
                 "receipt_no": receipt_no, "total": str(new.total),

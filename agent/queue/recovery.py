@@ -232,11 +232,22 @@ def damaged_sales(path: Path) -> tuple[int, Iterator[tuple[int, dict[str, Any] |
                     yield sale_ref, None
                     continue
                 if row is not None:
-                    yield sale_ref, dict(row)
+                    yield sale_ref, {**_texts_to_send(conn, sale_ref), **dict(row)}
         finally:
             conn.close()
 
     return top, rows()
+
+
+def _texts_to_send(conn: sqlite3.Connection, sale_ref: int) -> dict[str, str]:
+    """The sale's stored KRA request and head-office transaction, as far as they can be read (an
+    outbox older than migration m006 keeps them in the sales row instead, which then wins)."""
+    names = {"kra": "kra_request", "tsms": "tsms_transaction"}
+    try:
+        return {names[lane]: body for lane, body in conn.execute(
+            "SELECT lane, body FROM outgoing WHERE sale_ref = ?", (sale_ref,)) if lane in names}
+    except sqlite3.Error:
+        return {}
 
 
 def rescue(outbox: Outbox, damaged: Path, now: datetime, *, dry_run: bool = False,
@@ -297,6 +308,13 @@ def _import(outbox: Outbox, rows: list[dict[str, Any]], old_keys: dict[int, tupl
                                             "issue it again from the till once the original is there")
                     continue
                 original_id = found[0]
+            held = row["kra_invc_no"]
+            if row["kra_state"] in _HELD and held is not None and held <= learned and not row.get("kra_request"):
+                # KRA holds that number, but the request sent under it is unreadable: only KRA can say whose.
+                report.conflicts.append(f"{key[0]}/{key[1]}: KRA holds invoice {held}, which this sale had taken, "
+                                        "but its stored request cannot be read; ask KRA (selectInvoiceDetails) "
+                                        "whose it is before issuing the sale again")
+                continue
             state, invc_no, request = _kra_placement(row, learned)
             if invc_no is not None and conn.execute("SELECT 1 FROM sales WHERE kra_invc_no = ?",
                                                     (invc_no,)).fetchone():
@@ -311,19 +329,23 @@ def _import(outbox: Outbox, rows: list[dict[str, Any]], old_keys: dict[int, tupl
             synced = row.get("tsms_state") == "synced"
             new_id = conn.execute(
                 """INSERT INTO sales (till_id, sale_id, kind, content_hash, sale, amounts, payload_version, total,
-                                      receipt_no, accepted_at, kra_state, kra_invc_no, kra_request, kra_error,
+                                      receipt_no, accepted_at, kra_state, kra_invc_no, kra_error,
                                       kra_signature, kra_signed_at, tsms_state, tsms_synced_at, original_id,
-                                      refund_reason, tsms_id, tsms_transaction)
+                                      refund_reason, tsms_id)
                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, (SELECT value + 1 FROM counters WHERE name = 'receipt_no'),
-                           ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id, receipt_no""",
+                           ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id, receipt_no""",
                 (row["till_id"], row["sale_id"], row["kind"], row["content_hash"], row["sale"], row["amounts"],
-                 row.get("payload_version", 1), row["total"], row["accepted_at"], state, invc_no, request,
+                 row.get("payload_version", 1), row["total"], row["accepted_at"], state, invc_no,
                  row["kra_error"] if state == "parked" else None,
                  row["kra_signature"] if state == "signed" else None,
                  row["kra_signed_at"] if state == "signed" else None,
                  "synced" if synced else "pending", row.get("tsms_synced_at") if synced else None, original_id,
-                 row.get("refund_reason"), row.get("tsms_id"), row.get("tsms_transaction")),
+                 row.get("refund_reason"), row.get("tsms_id")),
             ).fetchone()
+            texts = {"kra": request if state != "signed" else None,
+                     "tsms": None if synced else row.get("tsms_transaction")}
+            conn.executemany("INSERT INTO outgoing (sale_ref, lane, body) VALUES (?, ?, ?)",
+                             [(new_id[0], lane, body) for lane, body in texts.items() if body is not None])
             outbox._journal(conn, at, "rescued", new_id[0], {
                 "from": f"{QUARANTINE_DIR}/{damaged.name}", "old_id": row["id"], "till_id": key[0],
                 "sale_id": key[1], "content_hash": row["content_hash"], "receipt_no": new_id[1],
@@ -336,10 +358,10 @@ def _kra_placement(row: dict[str, Any], learned: int) -> tuple[str, int | None, 
     """Where a rescued sale goes in the KRA lane: (state, invoice number, stored request)."""
     state, invc_no = row["kra_state"], row["kra_invc_no"]
     if state == "signed":
-        return "signed", invc_no, row["kra_request"]
+        return "signed", invc_no, None
     if state in ("parked", "void"):
         return state, None, None
-    if state in _HELD and invc_no is not None and invc_no <= learned and row["kra_request"]:
+    if state in _HELD and invc_no is not None and invc_no <= learned and row.get("kra_request"):
         # KRA holds this number for some document: the lane asks whose, and adopts or parks.
         return "unknown", invc_no, row["kra_request"]
     # KRA's numbers run without gaps up to `learned`, so it never took this one: sign it afresh.

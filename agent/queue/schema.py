@@ -196,3 +196,27 @@ def m005_state_counts(db: Database) -> None:
         db.execute(f"CREATE TRIGGER sales_count_{lane} AFTER UPDATE OF {lane}_state ON sales "
                    f"WHEN OLD.{lane}_state IS NOT NEW.{lane}_state BEGIN "
                    f"{add(lane, f'OLD.{lane}_state', -1)} {add(lane, f'NEW.{lane}_state', 1)} END")
+
+
+@migrations()
+def m006_outgoing(db: Database) -> None:
+    # The exact texts still to be sent (the KRA request, the head-office transaction) live apart from
+    # the sale and are deleted once the other side has them: a sale row then stays a third of its old
+    # size from the start, so SQLite packs two or three to a page instead of one (6.3 KB a sale before).
+    db.execute("""
+        CREATE TABLE outgoing (
+            sale_ref INTEGER NOT NULL REFERENCES sales(id),
+            lane TEXT NOT NULL CHECK (lane IN ('kra', 'tsms')),
+            body TEXT NOT NULL,
+            PRIMARY KEY (sale_ref, lane)
+        ) STRICT
+    """)
+    db.execute("INSERT INTO outgoing SELECT id, 'kra', kra_request FROM sales "
+               "WHERE kra_request IS NOT NULL AND kra_state != 'signed'")
+    db.execute("INSERT INTO outgoing SELECT id, 'tsms', tsms_transaction FROM sales "
+               "WHERE tsms_transaction IS NOT NULL AND tsms_state != 'synced'")
+    db.execute("ALTER TABLE sales DROP COLUMN kra_request")
+    db.execute("ALTER TABLE sales DROP COLUMN tsms_transaction")
+    # A submission head office holds is never sent again; its body is not needed any more.
+    db.execute("UPDATE tsms_submissions SET body = '' WHERE state = 'accepted'")
+

@@ -60,8 +60,9 @@ class TsmsStore:
         """The oldest sales not yet in a submission (credit notes travel as voids, not here)."""
         with self._box._read() as conn:
             rows = conn.execute(
-                f"SELECT id, receipt_no, sale, amounts, tsms_transaction FROM sales WHERE {TSMS_PENDING} "
-                "AND kind = 'sale' ORDER BY id LIMIT ?", (limit,)).fetchall()
+                "SELECT id, receipt_no, sale, amounts, (SELECT body FROM outgoing WHERE sale_ref = sales.id AND "
+                f"lane = 'tsms') FROM sales WHERE {TSMS_PENDING} AND kind = 'sale' ORDER BY id LIMIT ?",
+                (limit,)).fetchall()
         return [Unsynced(r[0], r[1], json.loads(r[2]), json.loads(r[3]), r[4]) for r in rows]
 
     def backlog(self) -> int:
@@ -76,8 +77,10 @@ class TsmsStore:
         at = timestamp(now)
         with self._box._write() as conn:
             for sale_ref, (tsms_id, transaction) in built.items():
-                conn.execute("UPDATE sales SET tsms_id = ?, tsms_transaction = ? WHERE id = ? AND tsms_id IS NULL",
-                             (tsms_id, transaction, sale_ref))
+                if conn.execute("UPDATE sales SET tsms_id = ? WHERE id = ? AND tsms_id IS NULL",
+                                (tsms_id, sale_ref)).rowcount:
+                    conn.execute("INSERT INTO outgoing (sale_ref, lane, body) VALUES (?, 'tsms', ?)",
+                                 (sale_ref, transaction))
             conn.execute("INSERT INTO tsms_submissions (uuid, body, sales, state, created_at, updated_at) "
                          "VALUES (?, ?, ?, 'pending', ?, ?)", (uuid, body, len(sale_refs), at, at))
             conn.executemany("UPDATE sales SET tsms_state = 'batched', tsms_submission = ? WHERE id = ?",
@@ -92,10 +95,13 @@ class TsmsStore:
         """The server holds the submission (new or replay): its sales are synced, and journalled so."""
         at = timestamp(now)
         with self._box._write() as conn:
-            conn.execute("UPDATE tsms_submissions SET state = 'accepted', attempts = attempts + 1, last_status = ?, "
-                         "last_error = NULL, updated_at = ? WHERE uuid = ?", (status, at, uuid))
+            # Head office holds it now and it is never sent again: its body and the sales' texts go.
+            conn.execute("UPDATE tsms_submissions SET state = 'accepted', body = '', attempts = attempts + 1, "
+                         "last_status = ?, last_error = NULL, updated_at = ? WHERE uuid = ?", (status, at, uuid))
             count = conn.execute("UPDATE sales SET tsms_state = 'synced', tsms_synced_at = ? "
                                  "WHERE tsms_submission = ? AND tsms_state = 'batched'", (at, uuid)).rowcount
+            conn.execute("DELETE FROM outgoing WHERE lane = 'tsms' AND sale_ref IN "
+                         "(SELECT id FROM sales WHERE tsms_submission = ?)", (uuid,))
             self._box._journal(conn, at, "tsms_synced", None, {"submission_uuid": uuid, "sales": count})
         return count
 
