@@ -13,6 +13,7 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -24,7 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from agent import __version__
 from agent.desk import Answer, ApiContext, SaleDesk, Signer, Syncer
-from agent.errors import StorageError
+from agent.errors import DiskFull, StorageError
 from agent.logs import get_logger
 from agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from agent.openapi import openapi_document
@@ -80,9 +81,9 @@ def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
         except (ValueError, RecursionError):
             return error(422, "invalid_json", "the body is not valid JSON; send one JSON object")
 
-    async def lookup(request: Request) -> SaleRecord | Response:
-        """The sale the path names (and ?till_id= when several tills used its id), or an error."""
-        sale_id = request.path_params["sale_id"]
+    async def lookup(request: Request, sale_id: str | None = None) -> SaleRecord | Response:
+        """The sale the path names, or `sale_id` (and ?till_id= when several tills used its id), or an error."""
+        sale_id = request.path_params["sale_id"] if sale_id is None else sale_id
         till_id = request.query_params.get("till_id")
         if till_id is not None:
             record = await run_in_threadpool(ctx.outbox.get, till_id, sale_id)
@@ -117,6 +118,8 @@ def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
         return answer(await desk.credit_note(original, data))
 
     async def get_receipt(request: Request) -> Response:
+        if _suffix_encoded(request, b"receipt"):  # /v1/sales/A%2Freceipt: the sale "A/receipt" itself
+            return await get_sale(request, request.path_params["sale_id"] + "/receipt")
         record = await lookup(request)
         if isinstance(record, Response):
             return record
@@ -137,8 +140,8 @@ def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
         content, media_type = render(body, fmt, int(width), copy=copy == "true" or (copy == "auto" and earlier > 0))
         return Response(content, media_type=media_type)
 
-    async def get_sale(request: Request) -> Response:
-        record = await lookup(request)
+    async def get_sale(request: Request, sale_id: str | None = None) -> Response:
+        record = await lookup(request, sale_id)
         if isinstance(record, Response):
             return record
         return JSONResponse(desk.view(record))
@@ -178,6 +181,7 @@ def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
             "devices": {device.name: device.status() for device in ctx.devices},
             "offline_budget": None if (budget := desk.budget()) is None else dataclasses.asdict(budget),
             "clock": None if ctx.clock_guard is None else ctx.clock_guard.status(),
+            "retention": None if ctx.retention is None else await run_in_threadpool(ctx.retention.status),
         }
         return JSONResponse(body)
 
@@ -189,7 +193,7 @@ def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
         return JSONResponse({"status": "ok"})
 
     async def openapi(request: Request) -> Response:
-        return JSONResponse(openapi_document(__version__, ctx.rules.max_lines))
+        return JSONResponse(openapi_document(__version__, ctx.rules.max_lines, desk.refund_reasons()))
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -203,6 +207,8 @@ def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
 
     async def storage_error(request: Request, exc: Exception) -> Response:
         log.error("storage_error", path=request.url.path, error=str(exc))
+        if isinstance(exc, DiskFull):  # as for sales: nothing was written, the till asks again later
+            return error(507, "disk_full", str(exc))
         return error(503, "storage", str(exc))
 
     async def server_error(request: Request, exc: Exception) -> Response:
@@ -253,6 +259,13 @@ def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
     if till_token is not None:
         app = BearerAuth(app, till_token)
     return app
+
+
+def _suffix_encoded(request: Request, suffix: bytes) -> bool:
+    """Whether the '/' before the route's `suffix` came percent-encoded (%2F). Sale ids may hold '/', and
+    the decoded path cannot tell the sale "A/receipt" from the receipt of sale "A"; the raw path can."""
+    raw: bytes = request.scope.get("raw_path") or b""
+    return bool(raw) and unquote_to_bytes(raw.rsplit(b"/", 1)[-1]) != suffix
 
 
 def _tsms_lane_state(syncer: Syncer | None) -> dict[str, Any]:

@@ -39,6 +39,8 @@ from agent.policy import BudgetSettings, ClockGuard, ClockSettings
 from agent.queue.kra_store import KraStore
 from agent.queue.outbox import Outbox
 from agent.queue.recovery import distrust_numbering, open_or_quarantine
+from agent.queue.retention import EVERY_S as RETENTION_EVERY_S
+from agent.queue.retention import Retention
 from agent.queue.tsms_store import TsmsStore
 from agent.receipt_format import render_escpos
 from agent.receipt_signing import KEY_NAME as RECEIPT_KEY
@@ -371,6 +373,9 @@ def run(cfg: Config, *, clock: Clock = system_clock,
             if tsms is not None:
                 jobs.append(Job("tsms-heartbeat", tsms.lane.heartbeat, cfg.tsms.heartbeat_interval_s))
                 jobs.append(Job("tsms-token-rotation", tsms.lane.rotate_token, 24 * 3600, at_start=False))
+            retention = Retention(outbox, clock, cfg.retention.keep_days)
+            if retention.enabled:  # keep_days = 0 keeps everything: no job at all
+                jobs.append(Job("retention", retention.run, RETENTION_EVERY_S))
             rules = intake_rules(cfg)
             if tsms is not None:
                 rules = replace(rules, head_office=head_office_builder(tsms.terminal))
@@ -386,7 +391,8 @@ def run(cfg: Config, *, clock: Clock = system_clock,
                              tax_rates=codes.rates, refund_reasons=codes.reasons, jobs=tuple(jobs),
                              syncer=tsms.lane if tsms else None, on_shutdown=tuple(closers),
                              devices=tuple(devices), on_answer=(printers.sale_answered,) if cfg.printers else (),
-                             budget=budget if kra else None, clock_guard=guard, metrics=metrics)
+                             budget=budget if kra else None, clock_guard=guard, metrics=metrics,
+                             retention=retention)
             app = create_app(ctx, till_token=cfg.http.till_token)
             sock = bind(cfg.http.host, cfg.http.port)
             host, port = sock.getsockname()[:2]

@@ -8,6 +8,9 @@ A bundle is one zip file an auditor can take away and check without the agent:
 * ``journal.jsonl``: the contiguous run of journal entries that covers the period (and each sale's
   own entry), with the hash of the entry just before it (the anchor, in the manifest), so the chain
   can be checked inside the bundle.
+* ``pruned.jsonl`` (only when retention pruned sales the bundle would otherwise miss): the `pruned`
+  journal entries that name them, whole, so the bundle shows what went and when; the manifest says
+  how many of the period's sales were pruned.
 * ``manifest.json``: format, agent version, creation time, period, counts, the SHA-256 of every
   other file, and the agent's public key and key id.
 * ``manifest.sig``: the Ed25519 signature (base64) of the exact manifest.json bytes, by the agent's
@@ -27,7 +30,7 @@ import os
 import zipfile
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time
 from decimal import Decimal
@@ -40,6 +43,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from agent.errors import ConfigError, StorageError
 from agent.files import fsync_dir, sha256_of
+from agent.queue import pruning
 from agent.queue.journal import GENESIS, JournalEntry, entry_hash
 from agent.queue.outbox import Outbox, SaleRecord, timestamp
 from agent.receipt_signing import key_id_of
@@ -52,6 +56,7 @@ MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 SALES = "sales.jsonl"
 JOURNAL = "journal.jsonl"
+PRUNED = "pruned.jsonl"
 RECEIPTS = "receipts/"
 RECEIPT_WIDTH = 42
 # The journal entries that record a sale entering the outbox: taken from the till, or rescued
@@ -109,16 +114,18 @@ class Selection:
     anchor: tuple[int, str] | None  # (seq, hash) of the entry before the first one; None if no entries
     held_outside: list[int]  # invoice numbers between the bundle's first and last held by other sales
     renumbered: list[int]  # invoice numbers in that range KRA told the agent to skip (`renumbered`)
+    pruned: list[JournalEntry] = field(default_factory=list)  # `pruned` entries naming sales the bundle lacks
+    pruned_sales: int = 0  # sales recorded in the period that retention has pruned
 
 
 def select(outbox: Outbox, period: Period) -> Selection:
     """The period's sales and the journal run that covers them.
 
-    The journal is read before the sales: the agent may commit meanwhile, and a sale is taken only
-    if its recording entry is in the journal that was read, so the two always agree.
+    The journal and the sales are read in one snapshot, so a sale the running agent accepts or prunes
+    meanwhile cannot make them disagree; a sale is taken only if its recording entry is in that journal.
     """
-    journal = outbox.journal()
-    everything = outbox.all_sales()
+    snap = outbox.snapshot()
+    journal, everything = snap.journal, snap.sales
     recorded = {e.sale_ref: i for i, e in enumerate(journal) if e.event in RECORDING_EVENTS}
     sales = [s for s in everything if s.accepted_at in period and s.id in recorded]
     # Stored times are UTC text of one fixed form, so text order is time order.
@@ -140,7 +147,24 @@ def select(outbox: Outbox, period: Period) -> Selection:
         held_outside = sorted(s.kra_invc_no for s in everything
                               if s.id not in chosen and s.kra_invc_no is not None and low <= s.kra_invc_no <= high)
         renumbered = sorted(n for n in _skipped(journal) if low <= n <= high)
-    return Selection(period, sales, run, anchor, held_outside, renumbered)
+    gone, covering = _pruned_for(journal, run, start, end, (min(held), max(held)) if held else None)
+    return Selection(period, sales, run, anchor, held_outside, renumbered, covering, gone)
+
+
+def _pruned_for(journal: list[JournalEntry], run: list[JournalEntry], start: str, end: str,
+                invoices: tuple[int, int] | None) -> tuple[int, list[JournalEntry]]:
+    """How many sales recorded in the period retention pruned, and the `pruned` entries that account
+    for them and for any invoice number in the bundle's range that a pruned sale held."""
+    pruned = pruning.pruned_in(journal)
+    if not pruned.batches:
+        return 0, []
+    gone = {e.sale_ref for e in run if e.event in RECORDING_EVENTS and start <= e.at < end
+            and e.sale_ref in pruned.by_id}
+    covering = {pruned.by_id[ref].entry.seq: pruned.by_id[ref].entry for ref in gone if ref is not None}
+    if invoices is not None:
+        low, high = invoices
+        covering.update((b.entry.seq, b.entry) for b in pruned.batches if any(low <= n <= high for n in b.invc_nos))
+    return len(gone), [covering[seq] for seq in sorted(covering)]
 
 
 def signing_key(secret: Secret) -> Ed25519PrivateKey:
@@ -182,6 +206,8 @@ def write(path: Path, selection: Selection, *, receipt_text: ReceiptText, key: E
                     SALES: _put(zf, SALES, stamp, (_line(_sale_line(s)) for s in selection.sales)),
                     JOURNAL: _put(zf, JOURNAL, stamp, (_line(_entry_line(e)) for e in selection.journal)),
                 }
+                if selection.pruned:
+                    files[PRUNED] = _put(zf, PRUNED, stamp, (_line(_entry_line(e)) for e in selection.pruned))
                 for sale in selection.sales:
                     name = receipt_name(sale.id)
                     files[name] = _put(zf, name, stamp, [receipt_text(sale).encode("utf-8")])
@@ -246,6 +272,9 @@ def _manifest(selection: Selection, files: dict[str, str], stamp: datetime, agen
             "first": min(held, default=None), "last": max(held, default=None),
             "held_outside_period": selection.held_outside, "renumbered": selection.renumbered,
         },
+        # Sales recorded in the period that retention removed after KRA and head office had them; the
+        # `pruned` entries naming them are in pruned.jsonl.
+        "pruned": {"sales": selection.pruned_sales, "entries": [e.seq for e in selection.pruned]},
         "files": files,
         "key": {"algorithm": "Ed25519", "key_id": key_id, "public_key": public_key},
     }
@@ -304,6 +333,7 @@ class BundleCheck:
     agent_version: str | None = None
     period: dict[str, str] | None = None
     counts: dict[str, int] = field(default_factory=dict)
+    pruned_sales: int = 0  # sales of the period retention pruned, as the manifest says
 
     @property
     def ok(self) -> bool:
@@ -355,6 +385,7 @@ def _check_open(zf: zipfile.ZipFile, result: BundleCheck) -> None:
         anchor = None if anchor_info is None else (int(anchor_info["seq"]), str(anchor_info["hash"]))
         numbers = manifest["invoice_numbers"]
         accounted = {int(n) for n in [*numbers["held_outside_period"], *numbers["renumbered"]]}
+        pruned_sales = int((manifest.get("pruned") or {}).get("sales", 0))  # bundles before retention: none
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise _Unreadable(f"{MANIFEST} cannot be read ({type(exc).__name__}: {exc}); the bundle is damaged") from None
     if manifest.get("version") != VERSION:
@@ -363,6 +394,7 @@ def _check_open(zf: zipfile.ZipFile, result: BundleCheck) -> None:
     result.created_at, result.agent_version = manifest.get("created_at"), manifest.get("agent_version")
     result.period = {"from": period.start.isoformat(), "to": period.end.isoformat()}
     result.counts = counts
+    result.pruned_sales = pruned_sales
 
     result.signature_valid = _signature_valid(manifest_bytes, contents[SIGNATURE], result.public_key, result.key_id)
     if not result.signature_valid:
@@ -380,14 +412,19 @@ def _check_open(zf: zipfile.ZipFile, result: BundleCheck) -> None:
                     for name in sorted(set(names) - set(files) - {MANIFEST, SIGNATURE}))
 
     entries = _read_journal(zf, names, problems)
+    pruned = _read_pruned(zf, names, entries, problems)
     sales = _read_sales(zf, names, problems)
     found = {"sales": len(sales), "receipts": sum(n.startswith(RECEIPTS) for n in set(names)),
              "journal_entries": len(entries)}
     problems.extend(f"the manifest counts {counts.get(k)} {k.replace('_', ' ')} but the bundle holds {v}"
                     for k, v in found.items() if counts.get(k) != v)
     problems.extend(_chain_problems(entries, anchor))
-    problems.extend(_sale_problems(sales, entries, period, set(names)))
-    problems.extend(_gaps(sales, entries, accounted))
+    problems.extend(_sale_problems(sales, entries, period, set(names), pruned.ids))
+    gone = _pruned_in_period(sales, entries, period, pruned.ids)
+    if gone != pruned_sales:
+        problems.append(f"the manifest says {pruned_sales} of the period's sales were pruned, but the bundle "
+                        f"accounts for {gone}")
+    problems.extend(_gaps(sales, entries, accounted | pruned.invc_nos()))
 
 
 def _signature_valid(message: bytes, signature: bytes, public_key: str, key_id: str) -> bool:
@@ -424,9 +461,10 @@ def _jsonl(zf: zipfile.ZipFile, names: list[str], name: str, problems: list[str]
             problems.append(f"{name} line {number} is not JSON")
 
 
-def _read_journal(zf: zipfile.ZipFile, names: list[str], problems: list[str]) -> list[JournalEntry]:
+def _read_journal(zf: zipfile.ZipFile, names: list[str], problems: list[str],
+                  name: str = JOURNAL) -> list[JournalEntry]:
     entries = []
-    for number, obj in _jsonl(zf, names, JOURNAL, problems):
+    for number, obj in _jsonl(zf, names, name, problems):
         try:
             entry = JournalEntry(seq=obj["seq"], at=obj["at"], event=obj["event"], sale_ref=obj["sale_ref"],
                                  detail=obj["detail"], prev_hash=obj["prev_hash"], hash=obj["hash"])
@@ -434,10 +472,38 @@ def _read_journal(zf: zipfile.ZipFile, names: list[str], problems: list[str]) ->
                     and (entry.sale_ref is None or isinstance(entry.sale_ref, int))):
                 raise TypeError("a field has the wrong type")
         except (KeyError, TypeError) as exc:
-            problems.append(f"{JOURNAL} line {number} is not a journal entry ({type(exc).__name__}: {exc})")
+            problems.append(f"{name} line {number} is not a journal entry ({type(exc).__name__}: {exc})")
             continue
         entries.append(entry)
     return entries
+
+
+def _read_pruned(zf: zipfile.ZipFile, names: list[str], journal: list[JournalEntry],
+                 problems: list[str]) -> pruning.Pruned:
+    """The `pruned` entries of pruned.jsonl and of the journal run. Those from pruned.jsonl lie outside the
+    run, so each must at least match its own hash (and the signed manifest's SHA-256 of the file)."""
+    in_run = {e.seq: e for e in journal}
+    extra: dict[int, JournalEntry] = {}
+    for e in _read_journal(zf, names, problems, PRUNED):
+        if e.event != pruning.EVENT:
+            problems.append(f"{PRUNED}: entry {e.seq} is a '{e.event}' entry, not '{pruning.EVENT}'")
+        elif entry_hash(e.prev_hash, e.seq, e.at, e.event, e.sale_ref, e.detail) != e.hash:
+            problems.append(f"{PRUNED}: entry {e.seq}: content does not match its hash; the entry was edited")
+        elif e.seq in in_run and in_run[e.seq] != e:
+            problems.append(f"{PRUNED}: entry {e.seq} differs from the same entry in {JOURNAL}")
+        elif e.seq not in in_run:
+            extra[e.seq] = e
+    found = pruning.pruned_in(sorted([*journal, *extra.values()], key=lambda e: e.seq))
+    problems.extend(f"{PRUNED}: {problem}" for problem in found.problems)
+    return found
+
+
+def _pruned_in_period(sales: list[_Sale], entries: list[JournalEntry], period: Period,
+                      pruned: Collection[int]) -> int:
+    """Sales recorded in the period that the bundle does not hold because retention pruned them."""
+    held = {s.id for s in sales}
+    return len({e.sale_ref for e in entries if e.event in RECORDING_EVENTS and e.sale_ref in pruned
+                and e.sale_ref not in held and (at := _moment(e.at)) is not None and at in period})
 
 
 @dataclass(frozen=True, slots=True)
@@ -488,7 +554,8 @@ def _chain_problems(entries: list[JournalEntry], anchor: tuple[int, str] | None)
     return problems
 
 
-def _sale_problems(sales: list[_Sale], entries: list[JournalEntry], period: Period, names: set[str]) -> list[str]:
+def _sale_problems(sales: list[_Sale], entries: list[JournalEntry], period: Period, names: set[str],
+                   pruned: Collection[int]) -> list[str]:
     problems: list[str] = []
     recorded: dict[int, JournalEntry] = {}
     for e in entries:
@@ -500,6 +567,8 @@ def _sale_problems(sales: list[_Sale], entries: list[JournalEntry], period: Peri
         if s.id in seen:
             problems.append(f"{what} is in {SALES} more than once")
         seen.add(s.id)
+        if s.id in pruned:
+            problems.append(f"{what} is in {SALES} but a '{pruning.EVENT}' entry says it was pruned")
         if s.accepted_at not in period:
             problems.append(f"{what} was accepted at {s.accepted_at.isoformat()}, outside the bundle's period")
         if receipt_name(s.id) not in names:
@@ -520,6 +589,8 @@ def _sale_problems(sales: list[_Sale], entries: list[JournalEntry], period: Peri
             problems.append(f"{what} differs from its journal entry {entry.seq}")
     for ref, e in recorded.items():
         at = _moment(e.at)
+        if ref in pruned:  # removed by retention once KRA and head office had it; its entry says so
+            continue
         if e.event == "accepted" and (at is None or at in period):
             problems.append(f"journal entry {e.seq} records sale {ref} accepted in the period, but {SALES} "
                             "does not hold it")

@@ -142,6 +142,11 @@ class PolicySettings:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class RetentionSettings:
+    keep_days: int = 30  # prune sales KRA signed and head office holds once this old; 0 keeps everything
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class SecretSettings:
     backend: str = "auto"  # auto: the platform keyring if there is one, else our encrypted file
 
@@ -167,6 +172,7 @@ class Config:
     serial_ports: tuple[SerialPortSettings, ...] = ()
     printers: tuple[PrinterSettings, ...] = ()
     policy: PolicySettings = field(default_factory=PolicySettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
     secrets: SecretSettings = field(default_factory=SecretSettings)
     source: str = "built-in defaults"
     secrets_in_file: tuple[str, ...] = ()
@@ -221,6 +227,7 @@ def parse_config(
     secrets_t = root.table("secrets")
     printer_ts = root.tables("printers")
     policy_t = root.table("policy")
+    retention_t = root.table("retention")
     root.done()
 
     in_file: list[str] = []
@@ -264,6 +271,8 @@ def parse_config(
     serial_t.done()
     printers = tuple(_printer(t) for t in printer_ts)
     policy = _policy(policy_t)
+    retention = RetentionSettings(keep_days=retention_t.take("keep_days", _keep_days, 30))
+    retention_t.done()
     if tsms.api_key is not None:
         in_file.append("tsms.api_key")
     secrets = SecretSettings(backend=secrets_t.take("backend", _choice("auto", "keyring", "file"), "auto"))
@@ -294,6 +303,7 @@ def parse_config(
         serial_ports=serial_ports,
         printers=printers,
         policy=policy,
+        retention=retention,
         secrets=secrets,
         source=source,
         secrets_in_file=tuple(in_file),
@@ -428,6 +438,18 @@ def _choice_int(*options: int) -> Callable[[Any, str], int]:
             raise ConfigError(key, f"{value!r} is not allowed", f"use one of {', '.join(map(str, options))}")
         return int(value)
     return parse
+
+
+MAX_KEEP_DAYS = 36_500
+
+
+def _keep_days(value: Any, key: str) -> int:
+    fix = f"give a whole number of days from 1 to {MAX_KEEP_DAYS}, or 0 to keep every sale"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(key, f"expected a whole number of days, got {_kind(value)} {value!r}", fix)
+    if not 0 <= value <= MAX_KEEP_DAYS:
+        raise ConfigError(key, f"{value} is out of range", fix)
+    return value
 
 
 def _stopbits(value: Any, key: str) -> float:

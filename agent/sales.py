@@ -36,11 +36,12 @@ MAX_QTY = Decimal(10) ** 11  # N(13,2)
 MAX_AMOUNT = Decimal(10) ** 16  # N(18,2)
 EARLIEST, LATEST = datetime(2000, 1, 1, tzinfo=UTC), datetime(2100, 1, 1, tzinfo=UTC)  # issued_at
 
-_SALE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/#-]*")
-_TILL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# The id and code rules the OpenAPI document publishes as they are (agent/openapi.py).
+SALE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/#-]*")
+TILL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _PIN = re.compile(r"[A-Z][0-9]{9}[A-Z]")
 _PHONE = re.compile(r"\+?[0-9]{7,15}")
-_ITEM_CLASS = re.compile(r"[0-9A-Za-z]{1,10}")
+ITEM_CLASS = re.compile(r"[0-9A-Za-z]{1,10}")
 _UNIT = re.compile(r"[A-Z0-9]{1,5}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1 controls
 
@@ -93,9 +94,9 @@ def parse_sale(data: object, *, max_lines: int = 1000) -> Sale:
         raise InvalidSale("lines", "too_many",
                           f"{len(raw_lines)} lines; at most {max_lines} per sale, split the sale")
     return Sale(
-        sale_id=_pattern(obj, "sale_id", "", _SALE_ID,
+        sale_id=_pattern(obj, "sale_id", "", SALE_ID,
                          "letters, digits or . _ : / # -, starting with a letter or digit", max_len=50),
-        till_id=_pattern(obj, "till_id", "", _TILL_ID,
+        till_id=_pattern(obj, "till_id", "", TILL_ID,
                          "letters, digits or . _ -, starting with a letter or digit", max_len=20),
         issued_at=_timestamp(obj, "issued_at"),
         payment=_payment(obj),
@@ -304,7 +305,9 @@ def _line(data: object, path: str) -> Line:
     price = _number(obj, "unit_price", path)
     if price < 0:
         raise InvalidSale(f"{path}.unit_price", "negative", "a unit price cannot be negative")
-    gross = round_cents(price * qty)
+    gross = price * qty
+    if gross < MAX_AMOUNT:  # not before: rounding 10**26 or more to cents exceeds the context's 28 digits
+        gross = round_cents(gross)
     if gross >= MAX_AMOUNT:
         raise InvalidSale(f"{path}.unit_price", "too_large",
                           f"qty x unit_price = {gross} is above KRA's limit of {MAX_AMOUNT}")
@@ -317,7 +320,7 @@ def _line(data: object, path: str) -> Line:
     band = _pattern(obj, "tax_band", path, re.compile("[A-E]"), "one of A, B, C, D, E", upper=True)
     return Line(
         item_code=_required_text(obj, "item_code", path, 20),
-        item_class=_pattern(obj, "item_class", path, _ITEM_CLASS,
+        item_class=_pattern(obj, "item_class", path, ITEM_CLASS,
                             "KRA item classification code of up to 10 letters or digits"),
         name=_required_text(obj, "name", path, 200),
         qty=qty,

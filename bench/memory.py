@@ -16,11 +16,12 @@ N. The design gives no memory limit; the limit taken here is growth under 20 % f
 connection), so 90,000 more sales must not add more than noise, while a leak of a few hundred
 bytes per sale shows plainly (200 B x 90,000 = 17 MiB). Then, once every sale is signed and
 synced, the agent is stopped (SQLite checkpoints and removes the WAL) and the database is measured:
-bytes per sale, per table (dbstat), and what a retention job could reclaim. The agent has no
-retention or pruning; the table says so and computes what deleting signed and synced sales' rows
-would free from the bytes they occupy. Last, the agent is restarted on the full outbox and timed
+bytes per sale and per table (dbstat). The agent is then restarted on the full outbox and timed
 to its first accepted sale (bench/startup.py times an almost empty one), beside the time of the
-`PRAGMA quick_check` the agent runs on the outbox when it opens it.
+`PRAGMA quick_check` the agent runs on the outbox when it opens it. Last, the retention job runs on
+a copy of the outbox as if 31 days had passed (keep_days = 30): every sale must go, `verify` must
+pass, and the table gives the bytes each pruned sale still holds (its journal entries and
+tombstone) and the pages freed, which SQLite reuses for new sales before the file grows.
 
 Exit code 1 if the run itself went wrong. bench/all.py calls `measure(argv)`.
 """
@@ -28,11 +29,13 @@ Exit code 1 if the run itself went wrong. bench/all.py calls `measure(argv)`.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sqlite3
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -54,6 +57,9 @@ from common import (
     write_config,
 )
 from startup import first_sale
+
+from agent.queue.outbox import Outbox
+from agent.queue.retention import Retention
 
 GROWTH_LIMIT = 0.20
 # docs field notes, storage sizing: 60-200 MB for a 30-day reserve at 2,000 sales a day.
@@ -163,11 +169,6 @@ def disk_rows(disk: Disk) -> list[Row]:
     tables = sorted(disk.by_table.items(), key=lambda kv: -kv[1])
     major = [(t, b) for t, b in tables if b / n >= 5]
     minor = [b for _, b in tables if b / n < 5]
-    # What pruning signed and synced sales could free: their sales rows (with the indexes on them)
-    # and their TSMS submissions. The journal is append-only and hash-chained (triggers refuse
-    # DELETE), and `verify` cross-checks it against the sales, so it stays whatever retention does.
-    prunable = disk.by_table.get("sales", 0) + disk.by_table.get("tsms_submissions", 0)
-    journal = disk.by_table.get("journal", 0)
     columns = ", ".join(f"{c} {v:.0f}" for c, v in disk.columns.items())
     return [
         Row(f"database bytes per sale, {n} sales signed + synced, after checkpoint",
@@ -175,14 +176,55 @@ def disk_rows(disk: Disk) -> list[Row]:
             f"<= {SIZING_BYTES_PER_SALE:,.0f} B (field notes: 200 MB per 30 days x 2,000 sales)",
             verdict(per_sale <= SIZING_BYTES_PER_SALE)),
         Row("  per table, indexes included, B/sale", ", ".join(
-            [*(f"{t} {b / n:,.0f}" for t, b in major), f"the other {len(minor)} {sum(minor) / n:.0f}"])),
+            [*(f"{t} {b / n:,.0f}" for t, b in major), f"the other {len(minor)} {sum(minor) / n:.0f}",
+             # pages once used by texts sent and deleted since; SQLite reuses them before growing the file
+             f"free pages {(disk.file_bytes - sum(disk.by_table.values())) / n:,.0f}"])),
         Row("  sales row payload, mean chars", f"{columns}; TSMS submission body {disk.submission_body:.0f}; "
             f"texts kept to send {disk.unsent}"),
-        Row("retention: pruning of signed + synced sales", "not implemented", "design: a scheduled job",
-            verdict(False)),
-        Row("  it would reclaim (sales rows + TSMS submissions)",
-            f"{prunable / n:,.0f} of {per_sale:,.0f} B/sale ({prunable / disk.file_bytes:.0%}); "
-            f"the journal keeps {journal / n:,.0f} B/sale"),
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class Pruned:
+    sales: int  # pruned by the run
+    seconds: float
+    kept_bytes: int  # the file's pages still in use afterwards (journal, tombstones, the rest)
+    free_bytes: int  # pages freed, which SQLite reuses for new sales before the file grows again
+    verify_problems: int
+
+
+def measure_retention(outbox: Path, copy: Path, keep_days: int = 30) -> Pruned:
+    """The retention job's run on a copy of the outbox, as if `keep_days` and a day had passed."""
+    shutil.copyfile(outbox, copy)
+    box = Outbox.open(copy)
+    try:
+        later = datetime.now(UTC) + timedelta(days=keep_days + 1)
+        started = time.perf_counter()
+        report = Retention(box, lambda: later, keep_days).prune()
+        seconds = time.perf_counter() - started
+        problems = len(box.verify())
+    finally:
+        box.close()  # checkpoints the WAL into the file
+    conn = sqlite3.connect(f"file:{copy}?mode=ro", uri=True)
+    try:
+        page_size, pages, free = (conn.execute(f"PRAGMA {p}").fetchone()[0]
+                                  for p in ("page_size", "page_count", "freelist_count"))
+    finally:
+        conn.close()
+    return Pruned(report.pruned, seconds, (pages - free) * page_size, free * page_size, problems)
+
+
+def retention_rows(disk: Disk, pruned: Pruned) -> list[Row]:
+    before = disk.file_bytes / disk.sales
+    kept = pruned.kept_bytes / max(1, pruned.sales)
+    return [
+        Row("retention (30 days), run as if 31 days had passed: sales pruned, time",
+            f"{pruned.sales} of {disk.sales}, {pruned.seconds:.1f} s", f"all {disk.sales}",
+            verdict(pruned.sales == disk.sales), check=True),
+        Row("  bytes kept per pruned sale (journal, tombstone)", f"{kept:,.0f} B of {before:,.0f} B "
+            f"({1 - kept / before:.0%} reclaimed; {mib(pruned.free_bytes)} of free pages reused by new sales)"),
+        Row("  verify after pruning: problems", str(pruned.verify_problems), "0",
+            verdict(pruned.verify_problems == 0), check=True),
     ]
 
 
@@ -224,10 +266,11 @@ def bench(args: argparse.Namespace, folder: Path) -> list[Row]:
             code = agent.stop()
         disk = measure_disk(agent.outbox)
         restart = first_sale(folder, agent.command, "RESTART", "agent-restart.log")
+        pruned = measure_retention(agent.outbox, folder / "pruned.sqlite3")
     finally:
         tsms.stop()
         kra.stop()
-    return memory_rows(idle, samples, settle_s, settled, code) + disk_rows(disk) + [
+    return memory_rows(idle, samples, settle_s, settled, code) + disk_rows(disk) + retention_rows(disk, pruned) + [
         Row(f"start-up to first accepted sale on the {disk.sales}-sale outbox (source, no bytecode cache)",
             f"{ms(restart.first_sale_s)} (listening after {ms(restart.listening_s)})", "none in the design"),
         Row("  of which PRAGMA quick_check of the outbox (run at every start)", ms(disk.quick_check_s)),

@@ -29,6 +29,7 @@ class TestExample:
         assert example.log == defaults.log
         assert example.kra == defaults.kra
         assert example.secrets == defaults.secrets
+        assert example.retention == defaults.retention
         assert example.data_dir == ROOT / "data"
 
     def test_example_mentions_every_key(self) -> None:
@@ -39,7 +40,7 @@ class TestExample:
                     "[log]", "level", "format", "[kra]", "environment", "base_url", "tin", "branch_id",
                     "device_serial", "cmc_key", "connect_timeout_s", "read_timeout_s", "sign_budget_s",
                     "backoff_base_s", "backoff_max_s", "user_id", "user_name", "origin_country",
-                    "[secrets]", "backend"):
+                    "[secrets]", "backend", "[retention]", "keep_days"):
             assert key in text
 
 
@@ -122,6 +123,13 @@ ERRORS = [
     ('[[serial.ports]]\nurl = "COM3"\nspeed = 9600', "serial.ports[0].speed", "unknown setting"),
     ('[[printers]]\nurl = "file:/dev/usb/lp0"\nwidth = 40', "printers[0].width", "not allowed"),
     ("[serial]\nports = 3", "serial.ports", "expected an array of tables"),
+    ("[retention]\nkeep_days = -1", "retention.keep_days", "out of range"),
+    ("[retention]\nkeep_days = 1.5", "retention.keep_days", "expected a whole number of days"),
+    ('[retention]\nkeep_days = "30"', "retention.keep_days", "expected a whole number of days"),
+    ("[retention]\nkeep_days = true", "retention.keep_days", "expected a whole number of days"),
+    ("[retention]\nkeep_days = 100000", "retention.keep_days", "out of range"),
+    ("[retention]\nkeep = 30", "retention.keep", "unknown setting"),
+    ("retention = 30", "retention", "expected a table"),
 ]
 
 

@@ -78,6 +78,8 @@ def test_a_full_disk_gives_a_clear_error_harms_nothing_and_passes(tmp_path: Path
                 assert status == 201, body
         assert len(refused) == 5, "the disk never filled"
         assert agent.running and httpx.get(f"{agent.url}/health", timeout=5).status_code == 200
+        printed = httpx.get(f"{agent.url}/v1/sales/before-0/receipt", timeout=5)  # counting the print is a write
+        assert printed.status_code == 507 and printed.json()["error"]["code"] == "disk_full", printed.text
 
         # What was stored is intact, read beside the running agent.
         conn = sqlite3.connect(f"file:{agents.outbox}?mode=ro", uri=True, timeout=10)
@@ -92,6 +94,7 @@ def test_a_full_disk_gives_a_clear_error_harms_nothing_and_passes(tmp_path: Path
         for sale_id in refused:  # the till sends what was refused again, and it is taken
             status, body, _ = post(agent.url, sale_id)
             assert status == 201, body
+        assert httpx.get(f"{agent.url}/v1/sales/before-0/receipt", timeout=5).status_code == 200
         deadline = time.monotonic() + 30
         while True:  # and the lanes catch up by themselves
             status_body = httpx.get(f"{agent.url}/v1/status", timeout=5).json()

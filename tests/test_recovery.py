@@ -17,11 +17,18 @@ from typing import Any
 import httpx
 import pytest
 from agent_process import AgentProcess, Agents, SimulatorProcess, run_cli
-from conftest import make_sale
+from conftest import RULES, make_sale
 
 from agent.errors import OutboxDamaged
+from agent.intake import accept
 from agent.queue.outbox import Outbox
-from agent.queue.recovery import RescueRefused, distrust_numbering, open_or_quarantine, rescue
+from agent.queue.recovery import (
+    RescueRefused,
+    distrust_numbering,
+    numbering_learned,
+    open_or_quarantine,
+    rescue,
+)
 
 BRANCH = "P052112956W/00"  # the simulator's default device
 
@@ -210,5 +217,28 @@ def test_rescue_waits_until_kras_numbering_is_known(tmp_path: Path) -> None:
         distrust_numbering(outbox, "test", datetime(2026, 11, 21, tzinfo=UTC))
         with pytest.raises(RescueRefused, match="KRA lane online"):
             rescue(outbox, damaged, datetime(2026, 11, 21, tzinfo=UTC))
+    finally:
+        outbox.close()
+
+
+def test_rescue_counts_a_sale_posted_again_and_pruned_since_as_already_there(tmp_path: Path) -> None:
+    """The till posted the sale again to the fresh outbox, where retention has since pruned it: the
+    rescue leaves it alone (its tombstone refuses a second copy) and goes on with the rest."""
+    now = datetime(2026, 11, 21, tzinfo=UTC)
+    damaged = tmp_path / "old.sqlite3"
+    old = Outbox.open(damaged)
+    for sale_id in ("S-1", "S-2"):
+        accept(old, make_sale(sale_id=sale_id), RULES, now)
+    old.close()
+    outbox = Outbox.open(tmp_path / "outbox.sqlite3")
+    try:
+        distrust_numbering(outbox, "test", now)
+        numbering_learned(outbox, 0, 1, now)
+        with outbox._write() as conn:
+            conn.execute("INSERT INTO pruned_sales (till_id, sale_id, sale_ref, receipt_no, kra_invc_no) "
+                         "VALUES ('TILL-1', 'S-1', 7, 7, 7)")
+        report = rescue(outbox, damaged, now)
+        assert (report.read, report.already_there, report.imported, report.conflicts) == (2, 1, 1, [])
+        assert [s.sale_id for s in outbox.all_sales()] == ["S-2"]
     finally:
         outbox.close()

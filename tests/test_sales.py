@@ -216,6 +216,9 @@ LINE_CASES = [
     # 1000.00 x 10000000000000.00 = 10^16 exactly, KRA's N(18,2) limit
     pytest.param(line_with(qty="1000", unit_price="10000000000000"), "lines[1].unit_price",
                  "too_large", id="qty-times-price-10^16"),
+    # each below its own limit, their product beyond what rounding to cents can hold
+    pytest.param(line_with(qty="99999999999.99", unit_price="9999999999999999.99"), "lines[1].unit_price",
+                 "too_large", id="qty-times-price-10^27"),
     # discount: >= 0, at most 2 decimals, not above round(qty x unit_price)
     pytest.param(line_with(discount="-1.00"), "lines[1].discount", "negative",
                  id="discount-negative"),

@@ -94,6 +94,7 @@ def _verify_bundle(config: Path | None, bundle: Path, expect_key: str | None, as
             "signature_valid": result.signature_valid, "key_id": result.key_id, "public_key": result.public_key,
             "local_key_matches": local_matches, "created_at": result.created_at,
             "agent_version": result.agent_version, "period": result.period, "counts": result.counts,
+            "pruned_sales": result.pruned_sales,
         }, indent=2))
     else:
         typer.echo(f"{'bundle':10} {bundle.name}")
@@ -102,7 +103,9 @@ def _verify_bundle(config: Path | None, bundle: Path, expect_key: str | None, as
             typer.echo(f"{'period':10} {result.period['from']} to {result.period['to']} (to exclusive)")
             typer.echo(f"{'created':10} {result.created_at} by etims-agent {result.agent_version}")
             typer.echo(f"{'contents':10} {counts.get('sales')} sales, {counts.get('receipts')} receipts, "
-                       f"{counts.get('journal_entries')} journal entries")
+                       f"{counts.get('journal_entries')} journal entries"
+                       + (f"; {result.pruned_sales} sales of the period pruned after KRA and head office had "
+                          "them (their journal entries are there)" if result.pruned_sales else ""))
             typer.echo(f"{'signed by':10} key id {result.key_id} (public key {result.public_key}); signature "
                        + ("valid" if result.signature_valid else "INVALID"))
             if local_matches is None:
@@ -179,13 +182,16 @@ def export(start: Annotated[str, typer.Option("--from", help="First day (YYYY-MM
                 except FileExistsError:
                     raise _exists(out) from None
     summary = {"file": str(out), "sha256": written.sha256, "sales": written.sales,
-               "journal_entries": written.journal_entries, "from": period.start.isoformat(),
-               "to": period.end.isoformat(), "key_id": written.key_id, "public_key": written.public_key}
+               "pruned_sales": selection.pruned_sales, "journal_entries": written.journal_entries,
+               "from": period.start.isoformat(), "to": period.end.isoformat(), "key_id": written.key_id,
+               "public_key": written.public_key}
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
     typer.echo(f"exported {written.sales} sales and {written.journal_entries} journal entries "
-               f"from {summary['from']} to {summary['to']}")
+               f"from {summary['from']} to {summary['to']}"
+               + (f" ({selection.pruned_sales} more sales of the period were pruned; their journal entries are "
+                  "in the bundle)" if selection.pruned_sales else ""))
     typer.echo(f"{'file':8} {out}")
     typer.echo(f"{'sha256':8} {written.sha256}")
     typer.echo(f"{'key id':8} {written.key_id} (public key {written.public_key}; the same as agent.receipt_key "

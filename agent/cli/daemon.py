@@ -14,6 +14,7 @@ from agent.cli.common import ConfigOption, JsonOption, app, errors, load, runnin
 from agent.errors import ConfigError
 from agent.logs import configure
 from agent.queue.outbox import Outbox
+from agent.queue.retention import summary
 from agent.secret import Secret
 
 
@@ -36,8 +37,9 @@ def run_cmd(config: ConfigOption = None) -> None:
 @app.command()
 def status(config: ConfigOption = None,
            as_json: JsonOption = False) -> None:
-    """Show the outbox (sales by lane state, oldest unsigned sale) and, when the agent is running, its
-    lanes, drain ETA, offline budget and clock offset.
+    """Show the outbox (sales by lane state, oldest unsigned sale, retention: keep_days and the sales pruned
+    so far) and, when the agent is running, its lanes, drain ETA, offline budget, clock offset and the
+    retention job's last run.
 
     Exit codes: 0, 2 configuration error, 4 no outbox.
     Example: etims-agent status --config /etc/etims-agent/agent.toml
@@ -47,6 +49,7 @@ def status(config: ConfigOption = None,
         outbox = Outbox.open(outbox_path(cfg.data_dir), readonly=True)
         try:
             stats = outbox.stats()
+            retention = {"keep_days": cfg.retention.keep_days, **summary(outbox)}
         finally:
             outbox.close()
         body: dict[str, Any] = {
@@ -54,12 +57,14 @@ def status(config: ConfigOption = None,
             "tsms": stats.tsms, "journal_entries": stats.journal_entries,
             "oldest_unsigned_at": stats.oldest_unsigned_at.isoformat() if stats.oldest_unsigned_at else None,
             "unsigned_value": str(stats.unsigned_value),
+            "retention": retention,
             "agent": running_agent(cfg),
         }
         if as_json:
             typer.echo(json.dumps(body, indent=2))
             return
         agent = body.pop("agent")
+        body["retention"] = _retention_line(body["retention"], agent)
         for key, value in body.items():
             typer.echo(f"{key:20} {value}")
         if agent is None:
@@ -78,6 +83,18 @@ def status(config: ConfigOption = None,
         if clock:
             typer.echo(f"{'clock offset':20} {clock.get('offset_s')} s ({clock.get('level')})")
 
+
+
+def _retention_line(retention: dict[str, Any], agent: dict[str, Any] | None) -> str:
+    days = retention["keep_days"]
+    line = f"keep_days {days}" + (" (every sale is kept)" if not days else "")
+    line += f", {retention['pruned_sales']} sales pruned so far"
+    if retention["last_pruned_at"]:
+        line += f", the last at {retention['last_pruned_at']}"
+    running = (agent or {}).get("retention") or {}
+    if running.get("last_run_at"):
+        line += f"; last run {running['last_run_at']} ({running['last_run_pruned']} pruned)"
+    return line
 
 
 @app.command()

@@ -37,6 +37,8 @@ def config_check(config: ConfigOption = None) -> None:
     rates = " ".join(f"{b}={r}" for b, r in cfg.tax.default_rates.items())
     typer.echo(f"tax.default_rates    {rates}")
     typer.echo(f"log                  {cfg.log.level} {cfg.log.format}")
+    typer.echo(f"retention            keep_days={cfg.retention.keep_days}"
+               + (" (every sale is kept)" if cfg.retention.keep_days == 0 else ""))
     for key in cfg.secrets_in_file:
         typer.echo(f"warning: {key} is in the config file; use the environment or keyring in production")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,6 +25,7 @@ from sqlite_utils import Database
 from agent.errors import DiskFull, OutboxDamaged, SaleConflict, StorageError
 from agent.logs import get_logger
 from agent.queue.journal import GENESIS, JournalEntry, entry_hash, verify_chain
+from agent.queue.pruning import pruned_in, pruned_problems, signed_evidence
 from agent.queue.schema import kra_pending, migrations
 
 log = get_logger("agent.outbox")
@@ -262,39 +263,67 @@ class Outbox:
         """
         at = timestamp(now)
         with self._write() as conn:
-            # Few statements on purpose: each one is a trip out of SQLite and back into Python,
-            # and this runs once per sale on the till's critical path. The receipt number comes
-            # from the counter, which a trigger advances in the same insert.
-            inserted = conn.execute(
-                """INSERT INTO sales (till_id, sale_id, content_hash, sale, amounts, total,
-                                      receipt_no, accepted_at, kind, original_id, refund_reason)
-                   VALUES (?, ?, ?, ?, ?, ?,
-                           (SELECT value + 1 FROM counters WHERE name = 'receipt_no'), ?, ?, ?, ?)
-                   ON CONFLICT (till_id, sale_id) DO NOTHING
-                   RETURNING id, receipt_no""",
-                (new.till_id, new.sale_id, new.content_hash, new.sale_json, new.amounts_json,
-                 str(new.total), at, new.kind, new.original_id, new.refund_reason),
-            ).fetchone()
-            if inserted is None:
-                row = conn.execute(f"SELECT {_SALE_COLUMNS} FROM sales WHERE till_id = ? AND sale_id = ?",
-                                   (new.till_id, new.sale_id)).fetchone()
-                record = _record(row)
-                if record.content_hash != new.content_hash:
-                    raise SaleConflict(new.till_id, new.sale_id)
-                return Accepted(record, created=False)
-            sale_ref, receipt_no = inserted
-            if new.head_office is not None:
-                tsms_id, transaction = new.head_office(receipt_no)
-                conn.execute("UPDATE sales SET tsms_id = ? WHERE id = ?", (tsms_id, sale_ref))
-                conn.execute("INSERT INTO outgoing (sale_ref, lane, body) VALUES (?, 'tsms', ?)",
-                             (sale_ref, transaction))
-            detail: dict[str, Any] = {
-                "till_id": new.till_id, "sale_id": new.sale_id, "content_hash": new.content_hash,
-                "receipt_no": receipt_no, "total": str(new.total),
-            }
-            if new.kind != "sale":
-                detail.update(kind=new.kind, original_id=new.original_id, refund_reason=new.refund_reason)
-            entry = self._journal(conn, at, "accepted", sale_ref, detail)
+            return self._accept_in(conn, new, at)
+
+    def accept_many(self, sales: list[tuple[NewSale, datetime]]) -> list[Accepted | Exception]:
+        """Store several sales in one transaction: one fsync for all of them (a group commit).
+
+        Each sale has its own savepoint, so one refused (a reused sale id) leaves the others alone; its
+        place in the result holds the error. A failure of the transaction itself (a full disk) raises,
+        and then none is stored.
+        """
+        results: list[Accepted | Exception] = []
+        with self._write() as conn:
+            for new, now in sales:
+                head = self._pending_head
+                conn.execute("SAVEPOINT sale")
+                try:
+                    results.append(self._accept_in(conn, new, timestamp(now)))
+                except Exception as exc:  # sorted out below; the batch goes on
+                    if isinstance(exc, sqlite3.Error) and not isinstance(exc, sqlite3.IntegrityError):
+                        raise  # the database itself failed (a full disk): the whole transaction goes
+                    conn.execute("ROLLBACK TO sale")
+                    # The journal head cached for this entry was rolled back with it.
+                    self._head, self._pending_head = None, head
+                    results.append(StorageError(f"the outbox refused {new.till_id}/{new.sale_id}: {exc}")
+                                   if isinstance(exc, sqlite3.Error) else exc)
+                conn.execute("RELEASE sale")
+        return results
+
+    def _accept_in(self, conn: sqlite3.Connection, new: NewSale, at: str) -> Accepted:
+        # Few statements on purpose: each one is a trip out of SQLite and back into Python,
+        # and this runs once per sale on the till's critical path. The receipt number comes
+        # from the counter, which a trigger advances in the same insert.
+        inserted = conn.execute(
+            """INSERT INTO sales (till_id, sale_id, content_hash, sale, amounts, total,
+                                  receipt_no, accepted_at, kind, original_id, refund_reason)
+               VALUES (?, ?, ?, ?, ?, ?,
+                       (SELECT value + 1 FROM counters WHERE name = 'receipt_no'), ?, ?, ?, ?)
+               ON CONFLICT (till_id, sale_id) DO NOTHING
+               RETURNING id, receipt_no""",
+            (new.till_id, new.sale_id, new.content_hash, new.sale_json, new.amounts_json,
+             str(new.total), at, new.kind, new.original_id, new.refund_reason),
+        ).fetchone()
+        if inserted is None:
+            row = conn.execute(f"SELECT {_SALE_COLUMNS} FROM sales WHERE till_id = ? AND sale_id = ?",
+                               (new.till_id, new.sale_id)).fetchone()
+            record = _record(row)
+            if record.content_hash != new.content_hash:
+                raise SaleConflict(new.till_id, new.sale_id)
+            return Accepted(record, created=False)
+        sale_ref, receipt_no = inserted
+        if new.head_office is not None:
+            tsms_id, transaction = new.head_office(receipt_no)
+            conn.execute("UPDATE sales SET tsms_id = ? WHERE id = ?", (tsms_id, sale_ref))
+            conn.execute("INSERT INTO outgoing (sale_ref, lane, body) VALUES (?, 'tsms', ?)",
+                         (sale_ref, transaction))
+        detail: dict[str, Any] = {
+            "till_id": new.till_id, "sale_id": new.sale_id, "content_hash": new.content_hash,
+            "receipt_no": receipt_no, "total": str(new.total),
+        }
+        if new.kind != "sale":
+            detail.update(kind=new.kind, original_id=new.original_id, refund_reason=new.refund_reason)
+        entry = self._journal(conn, at, "accepted", sale_ref, detail)
         return Accepted(SaleRecord(
             id=sale_ref, till_id=new.till_id, sale_id=new.sale_id, kind=new.kind,
             content_hash=new.content_hash, sale=json.loads(new.sale_json),
@@ -309,10 +338,13 @@ class Outbox:
         """Append an entry linked to the last one, inside a write transaction; returns (prev hash, hash)."""
         text = json.dumps(detail, sort_keys=True, separators=(",", ":"))
         for _ in range(2):
-            if self._head is None:
+            if self._head is None and self._pending_head is None:
                 last = conn.execute("SELECT seq, hash FROM journal ORDER BY seq DESC LIMIT 1").fetchone()
                 self._head = (last[0], last[1]) if last else (0, GENESIS)
-            seq, prev = self._head[0] + 1, self._head[1]
+            # After an entry earlier in this transaction (a group commit), the next one links to it.
+            base = self._pending_head or self._head
+            assert base is not None
+            seq, prev = base[0] + 1, base[1]
             digest = entry_hash(prev, seq, at, event, sale_ref, text)
             try:
                 conn.execute("INSERT INTO journal (seq, at, event, sale_ref, detail, prev_hash, hash) "
@@ -320,7 +352,7 @@ class Outbox:
             except sqlite3.IntegrityError:
                 # The cached head is stale: another process (a technician's command) appended
                 # since. We hold the write lock now, so reading the head again settles it.
-                self._head = None
+                self._head = self._pending_head = None
                 continue
             self._pending_head = (seq, digest)
             return prev, digest
@@ -431,39 +463,73 @@ class Outbox:
             ).fetchall()
         return [JournalEntry(*r) for r in rows]
 
+    def snapshot(self) -> Snapshot:
+        """The journal, the sales and the tombstones as of one moment (one read transaction): a sale
+        accepted or pruned by the running agent meanwhile cannot make them disagree."""
+        with self._read() as conn:
+            conn.execute("BEGIN")
+            try:
+                entries = [JournalEntry(*r) for r in conn.execute(
+                    "SELECT seq, at, event, sale_ref, detail, prev_hash, hash FROM journal ORDER BY seq")]
+                sales = [_record(r) for r in conn.execute(f"SELECT {_SALE_COLUMNS} FROM sales ORDER BY id")]
+                try:
+                    tombstones: set[int] | None = {r[0] for r in conn.execute("SELECT sale_ref FROM pruned_sales")}
+                except sqlite3.OperationalError:  # read-only, on an outbox from before retention (m007)
+                    tombstones = None
+            finally:
+                conn.execute("COMMIT")
+        return Snapshot(entries, sales, tombstones)
+
     def verify(self) -> list[str]:
         """Check the journal chain and that it agrees with the sales it describes.
 
         The chain alone cannot see its last entries being cut off, so each stored sale must also
-        have its `accepted` entry, and the local receipt numbers must run 1..N without a gap.
+        have its `accepted` entry, and the local receipt numbers must run 1..N without a gap. A sale
+        retention removed is accounted for by the `pruned` entry naming it (and its tombstone); one
+        deleted any other way is reported.
         """
-        entries = self.journal()
+        snap = self.snapshot()
+        entries, sales = snap.journal, snap.sales
         problems = verify_chain(entries)
         # A rescued sale (from a quarantined outbox) is created by its `rescued` entry instead.
-        accepted = {e.sale_ref: json.loads(e.detail) for e in entries if e.event in ("accepted", "rescued")}
+        recorded = {e.sale_ref: json.loads(e.detail) for e in entries if e.event in ("accepted", "rescued")}
+        accepted = dict(recorded)
+        pruned = pruned_in(entries)
         # An outbox that replaced a damaged one goes on from the damaged one's receipt number.
         first: dict[str, Any] = next((json.loads(e.detail) for e in entries if e.event == "quarantined"), {})
         start = int(first.get("receipt_no") or 0) + 1
-        sales = self.all_sales()
         for s in sales:
             detail = accepted.pop(s.id, None)
             if detail is None:
                 problems.append(f"sale {s.id} ({s.till_id}/{s.sale_id}) has no 'accepted' journal entry")
             elif detail.get("content_hash") != s.content_hash or detail.get("receipt_no") != s.receipt_no:
                 problems.append(f"sale {s.id} ({s.till_id}/{s.sale_id}) differs from its journal entry")
-        problems.extend(f"journal entry for sale {ref} refers to a sale that is not stored"
-                        for ref in accepted)
-        numbers = sorted(s.receipt_no for s in sales)
+        problems.extend(f"journal entry for sale {ref} refers to a sale that is not stored, and no 'pruned' entry "
+                        "names it: it was deleted outside the agent; compare with an audit bundle and KRA"
+                        for ref in accepted if ref not in pruned.by_id)
+        problems.extend(pruned_problems(pruned, recorded, signed_evidence(entries, pruned.ids), {s.id for s in sales},
+                                        snap.tombstones))
+        # Pruned sales keep their place in the numbering.
+        numbers = sorted([s.receipt_no for s in sales] + pruned.receipt_nos())
         if numbers != list(range(start, start + len(numbers))):
             problems.append(f"local receipt numbers are not a gap-free sequence from {start}")
-        problems.extend(invoice_number_gaps(sales, entries))
+        problems.extend(invoice_number_gaps(sales, entries, pruned.invc_nos()))
         return problems
 
 
-def invoice_number_gaps(sales: list[SaleRecord], entries: list[JournalEntry]) -> list[str]:
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    journal: list[JournalEntry]
+    sales: list[SaleRecord]
+    tombstones: set[int] | None  # the ids in pruned_sales; None on an outbox from before retention
+
+
+def invoice_number_gaps(sales: list[SaleRecord], entries: list[JournalEntry],
+                        pruned: Collection[int] = ()) -> list[str]:
     """KRA invoice numbers from 1 to the highest held that no sale holds, except the ones a strict
-    KRA told us to skip (journalled as `renumbered`: another system on the same PIN used them)."""
-    held = sorted(s.kra_invc_no for s in sales if s.kra_invc_no is not None)
+    KRA told us to skip (journalled as `renumbered`: another system on the same PIN used them) and
+    those of pruned sales (`pruned`)."""
+    held = sorted({s.kra_invc_no for s in sales if s.kra_invc_no is not None} | set(pruned))
     if not held:
         return []
     explained: set[int] = set()

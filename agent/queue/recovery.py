@@ -295,9 +295,10 @@ def _import(outbox: Outbox, rows: list[dict[str, Any]], old_keys: dict[int, tupl
     with outbox._write() as conn:
         for row in rows:
             key = (row["till_id"], row["sale_id"])
-            if conn.execute("SELECT 1 FROM sales WHERE till_id = ? AND sale_id = ?", key).fetchone():
-                report.already_there += 1  # the till sent it again after the outbox was replaced
-                continue
+            if conn.execute("SELECT 1 FROM sales WHERE till_id = ? AND sale_id = ? UNION ALL "
+                            "SELECT 1 FROM pruned_sales WHERE till_id = ? AND sale_id = ?", key + key).fetchone():
+                report.already_there += 1  # the till sent it again after the outbox was replaced (and it
+                continue                   # may since have been signed, synced and pruned there)
             original_id = None
             if row.get("original_id") is not None:
                 original = old_keys.get(row["original_id"])
