@@ -40,6 +40,7 @@ class Signer(Protocol):
     def notify(self) -> None: ...
     def worth_waiting(self, budget_s: float) -> bool: ...
     async def wait_settled(self, sale_ref: int, timeout: float) -> bool: ...
+    def kra_seconds(self, sale_ref: int) -> float | None: ...
     async def run(self) -> None: ...
 
 
@@ -94,6 +95,7 @@ class ApiContext:
 class Answer:
     status: int  # 201 stored, 200 replay, 409 conflict, 422 invalid (as over HTTP)
     body: dict[str, Any]
+    kra_s: float | None = None  # how long KRA took to sign it, when the till waited (Server-Timing)
 
 
 def error_body(code: str, message: str, field: str | None = None) -> dict[str, Any]:
@@ -194,7 +196,7 @@ class SaleDesk:
         record = result.record
         if result.created and ctx.syncer is not None:
             ctx.syncer.notify()
-        signer = ctx.signer
+        signer, kra_s = ctx.signer, None
         if signer is not None and sale_status(record.kra_state) == "pending":
             if result.created:
                 signer.notify()
@@ -203,11 +205,12 @@ class SaleDesk:
             if ctx.sign_budget_s > 0 and signer.worth_waiting(ctx.sign_budget_s) and \
                     await signer.wait_settled(record.id, ctx.sign_budget_s):
                 record = ctx.outbox.by_id(record.id) or record
+                kra_s = signer.kra_seconds(record.id)
         body = self.view(record, result.entry)
         if result.created:
             for listener in ctx.on_answer:  # printers queue the receipt; they never hold up the answer
                 listener(record.id, body["receipt"]["kind"])
-        return Answer(201 if result.created else 200, body)
+        return Answer(201 if result.created else 200, body, kra_s)
 
     def _current_rules(self) -> IntakeRules:
         ctx = self._ctx

@@ -113,6 +113,24 @@ class TestOutage:
         assert_no_double_signing(sim)
 
 
+    def test_a_signed_answer_says_how_long_kra_took(self, sim: Simulator, db_path: Path) -> None:
+        """Server-Timing `kra;dur=` on a signed answer: at least KRA's latency, at most the whole
+        answer; a temporary receipt (KRA down) carries none."""
+        key, sdc_id = init_key(sim)
+        sim.set_faults(latency_ms=150)
+        client, outbox = agent_client(db_path, sim, key, sdc_id)
+        with client:
+            started = time.perf_counter()
+            response = client.post("/v1/sales", json=make_sale(sale_id="R-1"))
+            whole_ms = (time.perf_counter() - started) * 1000
+            sim.set_faults(outage=True)
+            offline = client.post("/v1/sales", json=make_sale(sale_id="R-2"))
+        outbox.close()
+        assert response.status_code == 201 and response.json()["status"] == "signed"
+        name, _, duration = response.headers["server-timing"].partition(";dur=")
+        assert name == "kra" and 150 <= float(duration) <= whole_ms
+        assert offline.json()["status"] == "pending" and "server-timing" not in offline.headers
+
     def test_no_wait_behind_a_backlog(self, sim: Simulator, db_path: Path) -> None:
         """While a backlog drains that takes longer than the budget, a new sale gets its temporary
         receipt at once instead of waiting out the budget for a signature that cannot come."""

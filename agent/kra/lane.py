@@ -83,6 +83,7 @@ class KraLane:
         self._rand = rand or random.Random()
         self._wake = asyncio.Event()
         self._settled: dict[int, asyncio.Event] = {}
+        self._kra_s: dict[int, float] = {}  # how long KRA took to sign a sale a till is waiting for
         self._timer = timer
         self._guard = clock_guard
         self._on_round_trip = on_round_trip  # the metrics histogram
@@ -106,6 +107,10 @@ class KraLane:
         if self.online is False:
             return False
         return self._store.backlog() * (self.round_trip_s or 0.0) <= budget_s
+
+    def kra_seconds(self, sale_ref: int) -> float | None:
+        """How long the request that got this sale signed took (once; only for a sale waited for)."""
+        return self._kra_s.pop(sale_ref, None)
 
     async def wait_settled(self, sale_ref: int, timeout: float) -> bool:
         """Wait until the sale is signed or parked, at most `timeout` seconds."""
@@ -265,10 +270,13 @@ class KraLane:
         for _ in range(3):  # at most two renumberings in a row; then a person should look
             started = self._timer()
             reply = await self._client.save_sale(request)
+            took = self._timer() - started
             if reply.code.isdigit():  # KRA answered; a refused connection says nothing of its speed
-                self._note_round_trip(self._timer() - started)
+                self._note_round_trip(took)
                 self._note_clock(reply.result_dt)
             if reply.ok:
+                if work.id in self._settled:  # a till waits: its answer says how much of it was KRA's
+                    self._kra_s[work.id] = took
                 self._store.signed(work.id, signature_from(reply.data or {}), self._clock(), adopted=False)
                 self._set_online(True)
                 self._settle(work.id)
