@@ -185,8 +185,13 @@ class SaleDesk:
         pruned = tombstone(ctx.outbox, new.till_id, new.sale_id)
         if pruned is not None:
             return Answer(409, error_body("pruned", pruned.refusal(), "sale_id"))
+        signer = ctx.signer
+        # A sale that will wait for KRA is committed without its own fsync: the commit of its invoice
+        # number, made before the request goes to KRA, syncs the log with the sale in it; only if the
+        # answer goes out before that (KRA slow or down) is the log synced for it here.
+        waits = signer is not None and ctx.sign_budget_s > 0 and signer.worth_waiting(ctx.sign_budget_s)
         try:
-            result = await self._writer.accept(new, ctx.clock())
+            result, commit = await self._writer.accept(new, ctx.clock(), flush=not waits)
         except SaleConflict as exc:
             return Answer(409, error_body("conflict", str(exc), "sale_id"))
         except DiskFull as exc:  # nothing stored: the till keeps the sale and sends it again later
@@ -196,7 +201,7 @@ class SaleDesk:
         record = result.record
         if result.created and ctx.syncer is not None:
             ctx.syncer.notify()
-        signer, kra_s = ctx.signer, None
+        kra_s = None
         if signer is not None and sale_status(record.kra_state) == "pending":
             if result.created:
                 signer.notify()
@@ -206,6 +211,10 @@ class SaleDesk:
                     await signer.wait_settled(record.id, ctx.sign_budget_s):
                 record = ctx.outbox.by_id(record.id) or record
                 kra_s = signer.kra_seconds(record.id)
+        try:
+            ctx.outbox.make_durable(commit)  # no till hears of a sale before it is on the disk
+        except StorageError as exc:  # stored, maybe not durably: the till sends it again, a replay
+            return Answer(503, error_body("storage", str(exc)))
         body = self.view(record, result.entry)
         if result.created:
             for listener in ctx.on_answer:  # printers queue the receipt; they never hold up the answer

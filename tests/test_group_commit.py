@@ -46,7 +46,7 @@ def test_sales_arriving_in_one_turn_share_one_commit(outbox: Outbox, clock: Fake
     seen = commits(outbox)
     writer = GroupCommit(outbox)
 
-    async def main() -> list[Accepted]:
+    async def main() -> list[tuple[Accepted, int]]:
         together = await asyncio.gather(*(writer.accept(prepare(make_sale(sale_id=f"S-{i}"), RULES), clock())
                                           for i in range(10)))
         alone = await writer.accept(prepare(make_sale(sale_id="S-alone"), RULES), clock())
@@ -54,7 +54,8 @@ def test_sales_arriving_in_one_turn_share_one_commit(outbox: Outbox, clock: Fake
 
     results = asyncio.run(main())
     assert seen == ["COMMIT", "COMMIT"]
-    assert [r.record.receipt_no for r in results] == list(range(1, 12))
+    assert [r.record.receipt_no for r, _ in results] == list(range(1, 12))
+    assert [n for _, n in results] == [1] * 10 + [2]  # the number of the commit that holds each
     assert outbox.verify() == []
 
 
@@ -67,7 +68,7 @@ def test_each_waiting_till_gets_its_own_answer(outbox: Outbox, clock: FakeClock)
     writer = GroupCommit(outbox)
     seen = commits(outbox)
 
-    async def main() -> list[Accepted | BaseException]:
+    async def main() -> list[tuple[Accepted, int] | BaseException]:
         calls = [writer.accept(prepare(make_sale(sale_id=f"S-{i}"), RULES), clock()) for i in range(1, MAX_BATCH + 5)]
         calls.insert(3, writer.accept(prepare(changed, RULES), clock()))
         return await asyncio.gather(*calls, return_exceptions=True)
@@ -75,7 +76,7 @@ def test_each_waiting_till_gets_its_own_answer(outbox: Outbox, clock: FakeClock)
     results = asyncio.run(main())
     assert len(seen) == 2
     assert isinstance(results[3], SaleConflict)
-    assert all(isinstance(r, Accepted) and r.created for i, r in enumerate(results) if i != 3)
+    assert all(isinstance(r, tuple) and r[0].created for i, r in enumerate(results) if i != 3)
     assert len(outbox.all_sales()) == MAX_BATCH + 5
     assert outbox.verify() == []
 
@@ -86,7 +87,7 @@ def test_a_failed_transaction_fails_every_sale_of_the_batch(tmp_path: Path, cloc
     writer = GroupCommit(outbox)
     outbox._conn.execute("PRAGMA query_only = ON")  # every write now fails inside SQLite
 
-    async def main() -> list[Accepted | BaseException]:
+    async def main() -> list[tuple[Accepted, int] | BaseException]:
         return await asyncio.gather(*(writer.accept(prepare(make_sale(sale_id=f"S-{i}"), RULES), clock())
                                       for i in range(3)), return_exceptions=True)
 
@@ -98,3 +99,47 @@ def test_a_failed_transaction_fails_every_sale_of_the_batch(tmp_path: Path, cloc
     finally:
         outbox.close()
 
+
+
+def wal_syncs(outbox: Outbox) -> list[str]:
+    """Every fsync-bearing statement: what the connection runs with synchronous=FULL in force."""
+    seen: list[str] = []
+
+    def note(sql: str) -> None:
+        if sql.strip().upper() == "COMMIT":
+            full = outbox._conn.execute("PRAGMA synchronous").fetchone()[0] == 2
+            seen.append("COMMIT FULL" if full else "COMMIT NORMAL")
+    outbox._conn.set_trace_callback(note)
+    return seen
+
+
+def test_a_batch_is_flushed_if_any_of_its_sales_asks(outbox: Outbox, clock: FakeClock) -> None:
+    """Sales waiting for KRA may skip the fsync; one that does not wait in the same batch gets it."""
+    writer = GroupCommit(outbox)
+    seen = wal_syncs(outbox)
+
+    async def main() -> None:
+        await asyncio.gather(writer.accept(prepare(make_sale(sale_id="A"), RULES), clock(), flush=False),
+                             writer.accept(prepare(make_sale(sale_id="B"), RULES), clock(), flush=False))
+        await asyncio.gather(writer.accept(prepare(make_sale(sale_id="C"), RULES), clock(), flush=False),
+                             writer.accept(prepare(make_sale(sale_id="D"), RULES), clock()))
+
+    asyncio.run(main())
+    outbox._conn.set_trace_callback(None)
+    assert seen == ["COMMIT NORMAL", "COMMIT FULL"]
+
+
+def test_make_durable_syncs_only_what_no_fsync_has_carried(outbox: Outbox, clock: FakeClock) -> None:
+    """A commit without fsync is synced by make_durable, unless a later full commit already did it."""
+    box = outbox
+    box.accept_many([(prepare(make_sale(sale_id="A"), RULES), clock())], flush=False)
+    first = box.commits
+    assert box._flushed < first
+    box.make_durable(first)  # nothing since: the log is synced here
+    assert box._flushed == first
+    box.accept_many([(prepare(make_sale(sale_id="B"), RULES), clock())], flush=False)
+    second = box.commits
+    box.accept(prepare(make_sale(sale_id="C"), RULES), clock())  # a full commit carries B too
+    assert box._flushed == box.commits > second
+    box.make_durable(second)
+    assert [s.sale_id for s in box.all_sales()] == ["A", "B", "C"] and box.verify() == []

@@ -131,6 +131,21 @@ class TestOutage:
         assert name == "kra" and 150 <= float(duration) <= whole_ms
         assert offline.json()["status"] == "pending" and "server-timing" not in offline.headers
 
+    def test_a_sale_answered_before_kra_signs_is_on_disk_first(self, sim: Simulator, db_path: Path) -> None:
+        """A sale that waits for KRA is stored without its own fsync; when the budget runs out before
+        the lane's next commit (here KRA is slow to register the sale's items), the agent syncs the
+        log itself before the till gets its temporary receipt."""
+        key, sdc_id = init_key(sim)
+        sim.set_faults(latency_ms=1500)
+        client, outbox = agent_client(db_path, sim, key, sdc_id, budget=0.3, read_timeout=5.0)
+        with client:
+            assert client.post("/v1/sales", json=make_sale(sale_id="R-1")).json()["status"] == "pending"
+            flushed, commits = outbox._flushed, outbox.commits
+            sim.set_faults(latency_ms=0)
+            wait_for(lambda: all(s.kra_state == "signed" for s in outbox.all_sales()))
+        outbox.close()
+        assert flushed == commits  # the last commit, the sale's own, was synced before the answer
+
     def test_no_wait_behind_a_backlog(self, sim: Simulator, db_path: Path) -> None:
         """While a backlog drains that takes longer than the budget, a new sale gets its temporary
         receipt at once instead of waiting out the budget for a signature that cannot come."""

@@ -20,13 +20,19 @@ MAX_BATCH = 64  # bounds the transaction, and so the time the loop spends in one
 class GroupCommit:
     def __init__(self, outbox: Outbox) -> None:
         self._box = outbox
-        self._waiting: list[tuple[NewSale, datetime, asyncio.Future[Accepted]]] = []
+        self._waiting: list[tuple[NewSale, datetime, bool, asyncio.Future[tuple[Accepted, int]]]] = []
 
-    async def accept(self, new: NewSale, now: datetime) -> Accepted:
-        """Outbox.accept, sharing its transaction with the sales that arrived in the same turn."""
+    async def accept(self, new: NewSale, now: datetime, *, flush: bool = True) -> tuple[Accepted, int]:
+        """Outbox.accept, sharing its transaction with the sales that arrived in the same turn; also
+        returns the number of the commit that holds the sale (for Outbox.make_durable).
+
+        flush=False: the caller will make the commit durable before it answers, and hopes another
+        commit's fsync does it first (a sale waiting for KRA: the invoice number's commit). A batch is
+        flushed if any of its sales asks for it.
+        """
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Accepted] = loop.create_future()
-        self._waiting.append((new, now, future))
+        future: asyncio.Future[tuple[Accepted, int]] = loop.create_future()
+        self._waiting.append((new, now, flush, future))
         if len(self._waiting) == 1:
             # Two turns of the ready queue: the requests read in this turn run up to here first (each
             # needs a step or two to get from its socket to this call). Measured with 8 tills: batches
@@ -38,13 +44,15 @@ class GroupCommit:
         while self._waiting:
             batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
             try:
-                results: list[Accepted | Exception] = self._box.accept_many([(new, now) for new, now, _ in batch])
+                results: list[Accepted | Exception] = self._box.accept_many(
+                    [(new, now) for new, now, _, _ in batch], flush=any(flush for _, _, flush, _ in batch))
             except Exception as exc:  # the transaction failed (a full disk): none of them is stored
                 results = [exc] * len(batch)
-            for (_, _, future), result in zip(batch, results, strict=True):
+            commit = self._box.commits
+            for (_, _, _, future), result in zip(batch, results, strict=True):
                 if future.done():  # the request was cancelled (the till hung up); its sale is stored
                     continue
                 if isinstance(result, Exception):
                     future.set_exception(result)
                 else:
-                    future.set_result(result)
+                    future.set_result((result, commit))

@@ -10,6 +10,7 @@ module: they become StorageError (or SaleConflict for a reused sale id).
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Collection, Iterator
@@ -145,6 +146,8 @@ class Outbox:
         self._head: tuple[int, str] | None = None
         self._pending_head: tuple[int, str] | None = None
         self._full = False  # the last write failed for want of disk space
+        self.commits = 0  # write transactions this Outbox committed so far
+        self._flushed = 0  # how many of them an fsync has carried to the disk
 
     @classmethod
     def open(cls, path: Path, *, readonly: bool = False) -> Outbox:
@@ -206,6 +209,9 @@ class Outbox:
                         self._conn.execute("ROLLBACK")
                     raise
                 self._conn.execute("COMMIT")
+                self.commits += 1
+                if flush:  # the fsync of the write-ahead log carried every commit before it too
+                    self._flushed = self.commits
                 if self._pending_head is not None:
                     self._head = self._pending_head
                 if self._full:
@@ -228,6 +234,28 @@ class Outbox:
             finally:
                 if not flush:
                     self._restore_full_sync()
+
+    def make_durable(self, commit: int) -> None:
+        """Return once commit number `commit` (see `commits`) is on the disk, syncing the write-ahead
+        log if no fsync has carried it yet. For a sale stored with flush=False, before its answer."""
+        with self._lock:
+            if self._flushed >= commit:
+                return
+            upto = self.commits
+            try:
+                # The WAL holds the commit's frames, or a checkpoint has copied them into the database,
+                # which in WAL mode SQLite syncs before and after (synchronous=NORMAL).
+                fd = os.open(f"{self.path}-wal", os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except FileNotFoundError:  # no WAL: every frame went into the database at a checkpoint
+                pass
+            except OSError as exc:
+                raise StorageError(f"syncing the outbox {self.path} to disk failed: {exc}; "
+                                   "run `etims-agent doctor`") from exc
+            self._flushed = upto
 
     def _restore_full_sync(self) -> None:
         try:
@@ -265,15 +293,16 @@ class Outbox:
         with self._write() as conn:
             return self._accept_in(conn, new, at)
 
-    def accept_many(self, sales: list[tuple[NewSale, datetime]]) -> list[Accepted | Exception]:
+    def accept_many(self, sales: list[tuple[NewSale, datetime]], *,
+                    flush: bool = True) -> list[Accepted | Exception]:
         """Store several sales in one transaction: one fsync for all of them (a group commit).
 
         Each sale has its own savepoint, so one refused (a reused sale id) leaves the others alone; its
         place in the result holds the error. A failure of the transaction itself (a full disk) raises,
-        and then none is stored.
+        and then none is stored. flush=False: see `_write`; `make_durable` before any answer.
         """
         results: list[Accepted | Exception] = []
-        with self._write() as conn:
+        with self._write(flush=flush) as conn:
             for new, now in sales:
                 head = self._pending_head
                 conn.execute("SAVEPOINT sale")
