@@ -99,7 +99,12 @@ _DISK_FULL = _error("The disk is full (code disk_full): nothing was stored; send
 _TOO_LARGE = _error("Body larger than http.max_body_bytes (code too_large)")
 _LOOKUP = {"404": _error("No such sale (code not_found)"),
            "409": _error("Several tills have this sale_id and no till_id was given (code ambiguous)")}
-_SALE_RESPONSE = {"content": _json(_ref("SaleResult"))}
+_SALE_RESPONSE = {
+    "content": _json(_ref("SaleResult")),
+    "headers": {"Server-Timing": {
+        "description": "On an answer with KRA's signature: `kra;dur=<ms>`, how long KRA took to sign the sale",
+        "schema": {"type": "string", "pattern": r"^kra;dur=[0-9]+(\.[0-9]+)?$"}}},
+}
 _SALE_PARAMETERS = [
     {"name": "sale_id", "in": "path", "required": True, "schema": _SALE_ID,
      "description": "Percent-encode '/' as %2F, as clients encode path parameters. A literal '/' works as well, "
