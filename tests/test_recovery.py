@@ -21,6 +21,7 @@ from conftest import RULES, make_sale
 
 from agent.errors import OutboxDamaged
 from agent.intake import accept
+from agent.queue.kra_store import KraStore
 from agent.queue.outbox import Outbox
 from agent.queue.recovery import (
     RescueRefused,
@@ -240,5 +241,28 @@ def test_rescue_counts_a_sale_posted_again_and_pruned_since_as_already_there(tmp
         report = rescue(outbox, damaged, now)
         assert (report.read, report.already_there, report.imported, report.conflicts) == (2, 1, 1, [])
         assert [s.sale_id for s in outbox.all_sales()] == ["S-2"]
+    finally:
+        outbox.close()
+
+
+def test_a_held_number_whose_request_cannot_be_read_goes_to_a_person(tmp_path: Path) -> None:
+    """The quarantined file still holds the sale but not the request it sent under invoice 1, which KRA
+    holds: only KRA can say whose invoice 1 is, so the sale is left for a person, never requeued."""
+    now = datetime(2026, 11, 21, tzinfo=UTC)
+    damaged = tmp_path / "old.sqlite3"
+    old = Outbox.open(damaged)
+    accept(old, make_sale(sale_id="S-1"), RULES, now)
+    head = KraStore(old).next_work()
+    assert head is not None and KraStore(old).allocate(head.id, lambda n: f"request {n}", now) is not None
+    with old._write() as conn:
+        conn.execute("DELETE FROM outgoing WHERE lane = 'kra'")  # as if its page were unreadable
+    old.close()
+    outbox = Outbox.open(tmp_path / "outbox.sqlite3")
+    try:
+        distrust_numbering(outbox, "test", now)
+        numbering_learned(outbox, 1, 1, now)  # KRA holds invoice 1
+        report = rescue(outbox, damaged, now)
+        assert report.imported == 0 and outbox.all_sales() == []
+        assert len(report.conflicts) == 1 and "KRA holds invoice 1" in report.conflicts[0]
     finally:
         outbox.close()
