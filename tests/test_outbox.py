@@ -269,7 +269,8 @@ class TestStats:
 
     def test_lane_head_and_backlog_use_the_pending_index(self, outbox: Outbox, db_path: Path,
                                                          clock: FakeClock) -> None:
-        """The lane's head and backlog come from the partial index, not a scan of every signed sale."""
+        """The lane's head and the count of unsigned sales (Outbox.unsigned) come from the partial index,
+        not a scan of every signed sale; the lane's backlog from the per-state counts."""
         store(outbox, clock, 3)
         assert KraStore(outbox).next_work() is not None and KraStore(outbox).backlog() == 3
         assert kra_pending() == f"kra_state IN ({', '.join(repr(s) for s in PENDING_STATES)})"
@@ -382,6 +383,7 @@ def test_state_counts_follow_every_change_of_state(tmp_path: Path) -> None:
             conn.close()
         stats = box.stats()
         assert (stats.kra, stats.tsms) == (full["kra"], full["tsms"])
+        assert KraStore(box).backlog() == sum(full["kra"].get(state, 0) for state in PENDING_STATES)
         assert stats.sales == 38 and stats.journal_entries == len(box.journal())
     finally:
         box.close()
