@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from agent.clock import Clock
 from agent.credit_notes import REFUND_REASONS, Original, credited_quantities, prepare_credit_note
-from agent.errors import DiskFull, InvalidSale, SaleConflict, StorageError
+from agent.errors import DiskFull, InvalidSale, SaleConflict, SalePruned, StorageError
 from agent.intake import IntakeRules, prepare
 from agent.metrics import Metrics
 from agent.policy import Budget, BudgetSettings, ClockGuard, offline_budget
@@ -180,11 +180,6 @@ class SaleDesk:
         # (agent/queue/group_commit.py). Handing commits to a writer thread measured worse (774 vs
         # 1158 sales/s with 8 clients, bench/ingest.py): the thread spent as long winning the GIL back
         # after each SQLite call as it spent in SQLite. Reads use their own connection.
-        # A pruned sale posted again is never stored and signed twice: the database's trigger (m007)
-        # refuses the insert whatever the path; this read turns that into a clear answer for the till.
-        pruned = tombstone(ctx.outbox, new.till_id, new.sale_id)
-        if pruned is not None:
-            return Answer(409, error_body("pruned", pruned.refusal(), "sale_id"))
         signer = ctx.signer
         # A sale that will wait for KRA is committed without its own fsync: the commit of its invoice
         # number, made before the request goes to KRA, syncs the log with the sale in it; only if the
@@ -194,6 +189,9 @@ class SaleDesk:
             result, commit = await self._writer.accept(new, ctx.clock(), flush=not waits)
         except SaleConflict as exc:
             return Answer(409, error_body("conflict", str(exc), "sale_id"))
+        except SalePruned as exc:  # a pruned sale posted again: the database's trigger (m007) refused it
+            pruned = tombstone(ctx.outbox, new.till_id, new.sale_id)
+            return Answer(409, error_body("pruned", str(exc) if pruned is None else pruned.refusal(), "sale_id"))
         except DiskFull as exc:  # nothing stored: the till keeps the sale and sends it again later
             return Answer(507, error_body("disk_full", str(exc)))
         except StorageError as exc:

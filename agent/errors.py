@@ -52,6 +52,15 @@ class StorageError(AgentError):
     """The outbox cannot be used (disk full, corrupt, unreadable)."""
 
 
+class SalePruned(StorageError):
+    """The outbox refused the sale: its id belongs to a sale signed, synced and pruned here."""
+
+    def __init__(self, till_id: str, sale_id: str, refusal: str) -> None:
+        self.till_id = till_id
+        self.sale_id = sale_id
+        super().__init__(f"sale {sale_id!r} of till {till_id!r}: {refusal}")
+
+
 class OutboxDamaged(StorageError):
     """The outbox file fails SQLite's own checks: not a database, or damaged pages."""
 

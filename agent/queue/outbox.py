@@ -23,11 +23,11 @@ from typing import Any
 
 from sqlite_utils import Database
 
-from agent.errors import DiskFull, OutboxDamaged, SaleConflict, StorageError
+from agent.errors import DiskFull, OutboxDamaged, SaleConflict, SalePruned, StorageError
 from agent.logs import get_logger
 from agent.queue.journal import GENESIS, JournalEntry, entry_hash, verify_chain
 from agent.queue.pruning import pruned_in, pruned_problems, signed_evidence
-from agent.queue.schema import kra_pending, migrations
+from agent.queue.schema import PRUNED_REFUSAL, kra_pending, migrations
 
 log = get_logger("agent.outbox")
 
@@ -287,7 +287,8 @@ class Outbox:
     def accept(self, new: NewSale, now: datetime) -> Accepted:
         """Store a new sale and journal it in one transaction, or return the stored replay.
 
-        Raises SaleConflict if the till's sale id is already stored with other content.
+        Raises SaleConflict if the till's sale id is already stored with other content, SalePruned if it
+        belongs to a sale that retention removed.
         """
         at = timestamp(now)
         with self._write() as conn:
@@ -323,16 +324,21 @@ class Outbox:
         # Few statements on purpose: each one is a trip out of SQLite and back into Python,
         # and this runs once per sale on the till's critical path. The receipt number comes
         # from the counter, which a trigger advances in the same insert.
-        inserted = conn.execute(
-            """INSERT INTO sales (till_id, sale_id, content_hash, sale, amounts, total,
-                                  receipt_no, accepted_at, kind, original_id, refund_reason)
-               VALUES (?, ?, ?, ?, ?, ?,
-                       (SELECT value + 1 FROM counters WHERE name = 'receipt_no'), ?, ?, ?, ?)
-               ON CONFLICT (till_id, sale_id) DO NOTHING
-               RETURNING id, receipt_no""",
-            (new.till_id, new.sale_id, new.content_hash, new.sale_json, new.amounts_json,
-             str(new.total), at, new.kind, new.original_id, new.refund_reason),
-        ).fetchone()
+        try:
+            inserted = conn.execute(
+                """INSERT INTO sales (till_id, sale_id, content_hash, sale, amounts, total,
+                                      receipt_no, accepted_at, kind, original_id, refund_reason)
+                   VALUES (?, ?, ?, ?, ?, ?,
+                           (SELECT value + 1 FROM counters WHERE name = 'receipt_no'), ?, ?, ?, ?)
+                   ON CONFLICT (till_id, sale_id) DO NOTHING
+                   RETURNING id, receipt_no""",
+                (new.till_id, new.sale_id, new.content_hash, new.sale_json, new.amounts_json,
+                 str(new.total), at, new.kind, new.original_id, new.refund_reason),
+            ).fetchone()
+        except sqlite3.IntegrityError as exc:  # the tombstone trigger (m007): checked by the insert itself
+            if PRUNED_REFUSAL in str(exc):
+                raise SalePruned(new.till_id, new.sale_id, PRUNED_REFUSAL) from exc
+            raise
         if inserted is None:
             row = conn.execute(f"SELECT {_SALE_COLUMNS} FROM sales WHERE till_id = ? AND sale_id = ?",
                                (new.till_id, new.sale_id)).fetchone()

@@ -14,6 +14,9 @@ def _in(values: tuple[str, ...]) -> str:
     return ", ".join(f"'{v}'" for v in values)
 
 
+# The m007 trigger's words when an insert meets a tombstone; the outbox turns them into SalePruned.
+PRUNED_REFUSAL = "the sale was signed, synced and pruned here; it is never stored again"
+
 TSMS_PENDING = "tsms_state = 'pending'"  # verbatim the predicate of the partial index sales_tsms_pending
 
 
@@ -239,10 +242,10 @@ def m007_retention(db: Database) -> None:
             PRIMARY KEY (till_id, sale_id)
         ) STRICT, WITHOUT ROWID
     """)
-    db.execute("""
+    db.execute(f"""
         CREATE TRIGGER sales_not_pruned BEFORE INSERT ON sales
         WHEN EXISTS (SELECT 1 FROM pruned_sales WHERE till_id = NEW.till_id AND sale_id = NEW.sale_id)
-        BEGIN SELECT RAISE(ABORT, 'the sale was signed, synced and pruned here; it is never stored again'); END
+        BEGIN SELECT RAISE(ABORT, '{PRUNED_REFUSAL}'); END
     """)
     for op in ("UPDATE", "DELETE"):
         db.execute(f"""
