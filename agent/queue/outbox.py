@@ -464,8 +464,7 @@ class Outbox:
 
     def all_sales(self) -> list[SaleRecord]:
         with self._read() as conn:
-            rows = conn.execute(f"SELECT {_SALE_COLUMNS} FROM sales ORDER BY id").fetchall()
-        return [_record(r) for r in rows]
+            return _all_sales(conn)
 
     def stats(self) -> OutboxStats:
         with self._read() as conn:
@@ -493,10 +492,7 @@ class Outbox:
 
     def journal(self) -> list[JournalEntry]:
         with self._read() as conn:
-            rows = conn.execute(
-                "SELECT seq, at, event, sale_ref, detail, prev_hash, hash FROM journal ORDER BY seq"
-            ).fetchall()
-        return [JournalEntry(*r) for r in rows]
+            return _all_entries(conn)
 
     def snapshot(self) -> Snapshot:
         """The journal, the sales and the tombstones as of one moment (one read transaction): a sale
@@ -504,9 +500,7 @@ class Outbox:
         with self._read() as conn:
             conn.execute("BEGIN")
             try:
-                entries = [JournalEntry(*r) for r in conn.execute(
-                    "SELECT seq, at, event, sale_ref, detail, prev_hash, hash FROM journal ORDER BY seq")]
-                sales = [_record(r) for r in conn.execute(f"SELECT {_SALE_COLUMNS} FROM sales ORDER BY id")]
+                entries, sales = _all_entries(conn), _all_sales(conn)
                 try:
                     tombstones: set[int] | None = {r[0] for r in conn.execute("SELECT sale_ref FROM pruned_sales")}
                 except sqlite3.OperationalError:  # read-only, on an outbox from before retention (m007)
@@ -584,6 +578,15 @@ def invoice_number_gaps(sales: list[SaleRecord], entries: list[JournalEntry],
                 "missing with KRA (selectInvoiceDetails)"]
     return [f"KRA invoice numbers with no sale here: {shown} ({len(missing)}); compare with KRA "
             "(selectInvoiceDetails) before anything else"]
+
+
+def _all_sales(conn: sqlite3.Connection) -> list[SaleRecord]:
+    return [_record(r) for r in conn.execute(f"SELECT {_SALE_COLUMNS} FROM sales ORDER BY id")]
+
+
+def _all_entries(conn: sqlite3.Connection) -> list[JournalEntry]:
+    return [JournalEntry(*r) for r in conn.execute(
+        "SELECT seq, at, event, sale_ref, detail, prev_hash, hash FROM journal ORDER BY seq")]
 
 
 def _record(row: tuple[Any, ...]) -> SaleRecord:
