@@ -41,6 +41,15 @@ class KraWork:
     refund_reason: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class Signed:
+    """KRA's signature for a sale, not stored yet: it goes into the transaction that numbers the next."""
+
+    sale_ref: int
+    signature: dict[str, Any]
+    adopted: bool
+
+
 def backoff(attempts: int, *, base_s: float, cap_s: float, rand: random.Random) -> timedelta:
     """Exponential backoff with full jitter: uniform in [base/2, min(cap, base * 2**attempts)]."""
     ceiling = min(cap_s, base_s * (2 ** min(attempts, 30)))

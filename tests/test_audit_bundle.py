@@ -78,7 +78,7 @@ def take(box: Outbox, sale_id: str, at: datetime) -> int:
 
 def sign(box: Outbox, ref: int, at: datetime) -> int:
     """The lane numbers the sale and KRA signs it."""
-    allocated = KraStore(box).allocate(ref, lambda n: json.dumps({"invcNo": n}), at)
+    allocated = KraStore(box).allocate(ref, lambda n: json.dumps({"invcNo": n}), at, items=[])
     assert allocated is not None
     KraStore(box).signed(ref, SIGNATURE, at, adopted=False)
     return allocated[0]

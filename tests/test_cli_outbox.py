@@ -66,7 +66,7 @@ def sale(box: Outbox, sale_id: str, till_id: str = "TILL-1") -> int:
 
 def sent(box: Outbox, ref: int) -> int:
     """The lane gives the sale its invoice number and stores the request (in_flight)."""
-    invc_no, _ = KraStore(box).allocate(ref, lambda n: json.dumps({"invcNo": n, "ref": ref}), clock())
+    invc_no, _ = KraStore(box).allocate(ref, lambda n: json.dumps({"invcNo": n, "ref": ref}), clock(), items=[])
     return invc_no
 
 

@@ -3,17 +3,23 @@ rejections and strict numbering. Every check of what KRA holds reads the simulat
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_sale
-from kra_agent import agent_client, init_key
+from conftest import RULES, make_sale
+from kra_agent import BHF, TIN, agent_client, init_key
 from starlette.testclient import TestClient
 
+from agent.clock import system_clock
+from agent.intake import accept
+from agent.kra.client import KraClient
 from agent.kra.simulator import Simulator, SimulatorConfig
+from agent.queue.outbox import Outbox
 
 pytestmark = pytest.mark.timeout(60)
 BRANCH = "P052112956W/00"
@@ -49,6 +55,31 @@ def assert_no_double_signing(sim: Simulator) -> None:
     assert branch["trd_invc_no_signed_twice"] == []
     trd = [v["trdInvcNo"] for v in branch["invoices"].values()]
     assert len(trd) == len(set(trd))
+
+
+def test_the_client_says_when_its_request_is_on_the_wire(sim: Simulator) -> None:
+    """`on_sent` comes once the request is written, while KRA still works on it (the lane builds the
+    next sale's request in that time); never for a request that could not leave."""
+    key, _ = init_key(sim)
+    sim.set_faults(latency_ms=200)
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        nowhere = f"http://127.0.0.1:{closed.getsockname()[1]}/etims-api"
+
+    async def send(url: str) -> tuple[str, list[float], float]:
+        client = KraClient(url, tin=TIN, bhf_id=BHF, cmc_key=key, connect_timeout=1.0)
+        sent: list[float] = []
+        try:
+            reply = await client.call("selectInvoiceDetails", {"invcNo": 1},
+                                      on_sent=lambda: sent.append(time.perf_counter()))
+        finally:
+            await client.aclose()
+        return reply.code, sent, time.perf_counter()
+
+    code, sent, answered = asyncio.run(send(sim.api_url))
+    assert code.isdigit() and len(sent) == 1 and answered - sent[0] >= 0.15
+    code, sent, _ = asyncio.run(send(nowhere))
+    assert code == "connect" and sent == []
 
 
 class TestOnline:
@@ -145,6 +176,26 @@ class TestOutage:
             wait_for(lambda: all(s.kra_state == "signed" for s in outbox.all_sales()))
         outbox.close()
         assert flushed == commits  # the last commit, the sale's own, was synced before the answer
+
+    def test_a_backlog_drains_with_one_commit_per_sale(self, sim: Simulator, db_path: Path) -> None:
+        """Each signature is stored in the transaction that numbers the sale behind it: draining N
+        sales takes N commits and a few more (start-up, the items, the last signature), not 2N."""
+        key, sdc_id = init_key(sim)
+        box = Outbox.open(db_path)
+        for i in range(20):
+            accept(box, make_sale(sale_id=f"R-{i}"), RULES, system_clock())
+        box.close()
+        client, outbox = agent_client(db_path, sim, key, sdc_id)
+        with client:
+            wait_for(lambda: all(s.kra_state == "signed" for s in outbox.all_sales()))
+            commits = outbox.commits
+        assert 20 < commits <= 25
+        events = [e.event for e in outbox.journal() if e.event in ("sent", "signed")]
+        assert events == ["sent", "signed"] * 20  # each sale signed before the next is numbered
+        assert [s.kra_invc_no for s in outbox.all_sales()] == list(range(1, 21))
+        assert outbox.verify() == []
+        outbox.close()
+        assert_no_double_signing(sim)
 
     def test_no_wait_behind_a_backlog(self, sim: Simulator, db_path: Path) -> None:
         """While a backlog drains that takes longer than the budget, a new sale gets its temporary

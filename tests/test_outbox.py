@@ -13,11 +13,12 @@ from sqlite_utils import Database
 
 from agent.errors import SaleConflict, StorageError
 from agent.intake import accept, prepare
+from agent.queue import recovery
 from agent.queue.journal import GENESIS, entry_hash
 from agent.queue.kra_store import KraStore
 from agent.queue.outbox import Outbox, timestamp
 from agent.queue.schema import kra_pending, migrations
-from agent.signing import PENDING_STATES
+from agent.signing import PENDING_STATES, Signed
 
 
 def store(outbox: Outbox, clock: FakeClock, n: int, till: str = "TILL-1") -> None:
@@ -299,10 +300,68 @@ def test_allocate_refuses_a_sale_parked_meanwhile(outbox: Outbox, clock: FakeClo
     head = kra.next_work()
     assert head is not None
     kra.park(head.id, "operator", "wrong price", clock(), release=False)
-    assert kra.allocate(head.id, lambda n: f"request {n}", clock()) is None
+    assert kra.allocate(head.id, lambda n: f"request {n}", clock(), items=[]) is None
     following = kra.next_work()
     assert following is not None and following.id != head.id
-    assert kra.allocate(following.id, lambda n: f"request {n}", clock()) == (1, "request 1")  # number 1 unused
+    # number 1 was handed back unused
+    assert kra.allocate(following.id, lambda n: f"request {n}", clock(), items=[]) == (1, "request 1")
+    assert outbox.verify() == []
+
+
+def test_allocate_numbers_no_sale_kra_is_not_ready_for(outbox: Outbox, clock: FakeClock) -> None:
+    """Whatever the lane read before, allocate itself refuses while one of the sale's items is not
+    registered with KRA, or while KRA's numbering must be learned first; no number is used."""
+    store(outbox, clock, 1)
+    kra = KraStore(outbox)
+    head = kra.next_work()
+    assert head is not None
+    assert kra.allocate(head.id, lambda n: f"request {n}", clock(), items=["ITEM-A", "ITEM-B"]) is None
+    kra.item_registered("ITEM-A", "{}", clock())
+    kra.item_registered("ITEM-B", "{}", clock())
+    recovery.distrust_numbering(outbox, "test", clock())
+    assert kra.allocate(head.id, lambda n: f"request {n}", clock(), items=["ITEM-A", "ITEM-B"]) is None
+    kra.numbering_learned(0, 1, clock())
+    assert kra.allocate(head.id, lambda n: f"request {n}", clock(), items=["ITEM-A", "ITEM-B", "ITEM-A"]) == (
+        1, "request 1")
+    assert outbox.verify() == []
+
+
+def test_a_signature_and_the_next_number_share_one_commit(outbox: Outbox, clock: FakeClock) -> None:
+    """allocate(after=...) stores the sale ahead's signature and numbers the next sale in one
+    transaction; the journal still reads signed, then sent, and verifies."""
+    store(outbox, clock, 2)
+    kra = KraStore(outbox)
+    first = kra.next_work()
+    assert first is not None and kra.allocate(first.id, lambda n: f"request {n}", clock(), items=[]) == (1, "request 1")
+    second = kra.next_work(skip=first.id)
+    assert second is not None and second.id != first.id
+    commits = outbox.commits
+    done = Signed(first.id, {"rcptSign": "X"}, adopted=False)
+    assert kra.allocate(second.id, lambda n: f"request {n}", clock(), items=[], after=done) == (2, "request 2")
+    assert outbox.commits == commits + 1
+    assert outbox._flushed == outbox.commits  # with its fsync: the number must be on disk before the send
+    states = {s.id: (s.kra_state, s.kra_signature) for s in outbox.all_sales()}
+    assert states == {first.id: ("signed", {"rcptSign": "X"}), second.id: ("in_flight", None)}
+    assert [e.event for e in outbox.journal()][-3:] == ["sent", "signed", "sent"]
+    assert outbox.verify() == []
+
+
+def test_a_signature_is_stored_even_when_the_next_sale_was_parked_meanwhile(outbox: Outbox,
+                                                                            clock: FakeClock) -> None:
+    """The sale behind was parked by a technician: no number is taken, and the signature that was to
+    share its transaction is stored on its own."""
+    store(outbox, clock, 2)
+    kra = KraStore(outbox)
+    first = kra.next_work()
+    assert first is not None and kra.allocate(first.id, lambda n: f"request {n}", clock(), items=[]) is not None
+    second = kra.next_work(skip=first.id)
+    assert second is not None
+    kra.park(second.id, "operator", "wrong price", clock(), release=False)
+    done = Signed(first.id, {"rcptSign": "X"}, adopted=True)
+    assert kra.allocate(second.id, lambda n: f"request {n}", clock(), items=[], after=done) is None
+    states = {s.id: (s.kra_state, s.kra_invc_no) for s in outbox.all_sales()}
+    assert states == {first.id: ("signed", 1), second.id: ("parked", None)}
+    assert json.loads(outbox.journal()[-1].detail)["adopted"] is True
     assert outbox.verify() == []
 
 
@@ -314,7 +373,7 @@ def test_a_signature_is_committed_without_its_own_fsync_and_every_other_write_ke
     store(box, clock, 2)
     kra = KraStore(box)
     head = kra.next_work()
-    assert head is not None and kra.allocate(head.id, lambda n: f"request {n}", clock()) is not None
+    assert head is not None and kra.allocate(head.id, lambda n: f"request {n}", clock(), items=[]) is not None
     full = 2  # PRAGMA synchronous: 1 is NORMAL, 2 is FULL
     kra.signed(head.id, {"rcptSign": "X"}, clock(), adopted=False)
     assert box._conn.execute("PRAGMA synchronous").fetchone()[0] == full
@@ -339,7 +398,7 @@ def test_verify_reports_invoice_number_gaps(db_path: Path, clock: FakeClock) -> 
     for _ in range(3):
         head = kra.next_work()
         assert head is not None
-        allocated = kra.allocate(head.id, lambda n: f"request {n}", clock())
+        allocated = kra.allocate(head.id, lambda n: f"request {n}", clock(), items=[])
         assert allocated is not None
         kra.signed(head.id, {"rcptSign": "X"}, clock(), adopted=False)
     assert box.verify() == []

@@ -253,7 +253,7 @@ def test_a_held_number_whose_request_cannot_be_read_goes_to_a_person(tmp_path: P
     old = Outbox.open(damaged)
     accept(old, make_sale(sale_id="S-1"), RULES, now)
     head = KraStore(old).next_work()
-    assert head is not None and KraStore(old).allocate(head.id, lambda n: f"request {n}", now) is not None
+    assert head is not None and KraStore(old).allocate(head.id, lambda n: f"request {n}", now, items=[]) is not None
     with old._write() as conn:
         conn.execute("DELETE FROM outgoing WHERE lane = 'kra'")  # as if its page were unreadable
     old.close()

@@ -50,7 +50,7 @@ def take(box: Outbox, clock: FakeClock, sale_id: str) -> int:
 
 def sign(box: Outbox, clock: FakeClock, ref: int) -> int:
     """The lane numbers the sale and KRA signs it."""
-    allocated = KraStore(box).allocate(ref, lambda n: json.dumps({"invcNo": n}), clock())
+    allocated = KraStore(box).allocate(ref, lambda n: json.dumps({"invcNo": n}), clock(), items=[])
     assert allocated is not None
     KraStore(box).signed(ref, {"rcptSign": f"SIGN{ref:012d}", "intrlData": "DATA", "sdcDateTime": "20261121140501"},
                          clock(), adopted=False)

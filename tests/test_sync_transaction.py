@@ -88,7 +88,7 @@ def test_the_texts_to_send_are_kept_until_acknowledged_then_dropped(outbox: Outb
     kra, tsms = KraStore(outbox), TsmsStore(outbox)
     work = kra.next_work()
     assert work is not None and set(texts()) == {"tsms"}
-    allocated = kra.allocate(work.id, lambda n: f"request {n}", clock())
+    allocated = kra.allocate(work.id, lambda n: f"request {n}", clock(), items=[])
     assert allocated == (1, "request 1") and texts()["kra"] == "request 1"
     assert kra.next_work() == replace(work, state="in_flight", invc_no=1, request="request 1")
     kra.signed(work.id, {"rcptSign": "X"}, clock(), adopted=False)

@@ -477,8 +477,9 @@ class WatchedClient(KraClient):
         super().__init__(*args, **kwargs)
         self.failures: list[tuple[str, KraReply]] = []
 
-    async def call(self, path: str, body: dict[str, Any] | str, *, device_headers: bool = True) -> KraReply:
-        reply = await super().call(path, body, device_headers=device_headers)
+    async def call(self, path: str, body: dict[str, Any] | str, *, device_headers: bool = True,
+                   on_sent: Callable[[], None] | None = None) -> KraReply:
+        reply = await super().call(path, body, device_headers=device_headers, on_sent=on_sent)
         if not reply.ok and reply.outcome is not Outcome.EMPTY:
             self.failures.append((path, reply))
         return reply

@@ -9,6 +9,7 @@ means it may have (UNKNOWN).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,14 +77,15 @@ class KraClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def call(self, path: str, body: dict[str, Any] | str, *, device_headers: bool = True) -> KraReply:
+    async def call(self, path: str, body: dict[str, Any] | str, *, device_headers: bool = True,
+                   on_sent: Callable[[], None] | None = None) -> KraReply:
         content = (body if isinstance(body, str) else wire_json(body)).encode()
         headers = {"Content-Type": "application/json"}
         if device_headers:
             headers.update(tin=self._tin, bhfId=self._bhf_id,
                            cmcKey=self._cmc_key.reveal() if self._cmc_key else "")
         try:
-            answer = await self._http.post(f"/{path}", content, headers)
+            answer = await self._http.post(f"/{path}", content, headers, on_sent=on_sent)
         except httpx.HTTPError as exc:
             return _transport_failure(exc)
         return parse_reply(answer.status, answer.body)
@@ -107,9 +109,10 @@ class KraClient:
     async def items(self, last_req_dt: str = "20180101000000") -> KraReply:
         return await self.call("selectItemList", {"lastReqDt": last_req_dt})
 
-    async def save_sale(self, request_json: str) -> KraReply:
-        """Send a stored saveTrnsSalesOsdc body exactly as stored (a resend is byte-identical)."""
-        return await self.call("saveTrnsSalesOsdc", request_json)
+    async def save_sale(self, request_json: str, on_sent: Callable[[], None] | None = None) -> KraReply:
+        """Send a stored saveTrnsSalesOsdc body exactly as stored (a resend is byte-identical).
+        `on_sent`: called once the request is written, while KRA works on it."""
+        return await self.call("saveTrnsSalesOsdc", request_json, on_sent=on_sent)
 
     async def invoice(self, invc_no: int) -> KraReply:
         return await self.call("selectInvoiceDetails", {"invcNo": invc_no})

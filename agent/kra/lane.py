@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -26,19 +27,20 @@ from agent.kra.codes import Outcome, describe, expected_invoice_number
 from agent.kra.payloads import CreditNoteRef, Seller, item_request, parse_kra_datetime, sale_request
 from agent.logs import get_logger
 from agent.policy import ClockGuard
-from agent.signing import KraWork, backoff
+from agent.signing import KraWork, Signed, backoff
 
 log = get_logger("agent.kra.lane")
 
 
 class LaneStore(Protocol):
     def recover(self, now: datetime) -> int: ...
-    def next_work(self) -> KraWork | None: ...
+    def next_work(self, *, skip: int | None = None) -> KraWork | None: ...
     def numbering_unverified(self) -> bool: ...
     def invoice_counter(self) -> int: ...
     def numbering_learned(self, last_held: int, probes: int, now: datetime) -> int: ...
     def backlog(self) -> int: ...
-    def allocate(self, sale_ref: int, build: Callable[[int], str], now: datetime) -> tuple[int, str] | None: ...
+    def allocate(self, sale_ref: int, build: Callable[[int], str], now: datetime, *, items: Sequence[str],
+                 after: Signed | None = None) -> tuple[int, str] | None: ...
     def renumber(self, sale_ref: int, invc_no: int, build: Callable[[int], str], now: datetime) -> str: ...
     def mark_sending(self, sale_ref: int) -> None: ...
     def signed(self, sale_ref: int, signature: dict[str, Any], now: datetime, *, adopted: bool) -> None: ...
@@ -57,6 +59,25 @@ class LaneSettings:
 
 STORAGE_PAUSE_S = 2.0  # how soon to try again after the outbox could not be written (a full disk)
 SIGNATURE_FIELDS = ("curRcptNo", "totRcptNo", "intrlData", "rcptSign", "sdcDateTime")
+
+
+@dataclass(frozen=True, slots=True)
+class Behind:
+    """The sale behind the one KRA is signing, ready to be numbered; `build` makes its request, made in
+    advance for the number it will most likely get."""
+
+    ahead: int
+    work: KraWork
+    build: Callable[[int], str]
+
+
+@dataclass(frozen=True, slots=True)
+class Numbered:
+    """The sale behind one KRA has just signed, numbered in the transaction that stored that signature."""
+
+    work: KraWork
+    invc_no: int
+    request: str
 
 
 def signature_from(data: Any) -> dict[str, Any]:
@@ -84,6 +105,7 @@ class KraLane:
         self._wake = asyncio.Event()
         self._settled: dict[int, asyncio.Event] = {}
         self._kra_s: dict[int, float] = {}  # how long KRA took to sign a sale a till is waiting for
+        self._behind: Behind | None = None  # found while KRA worked on the sale ahead of it
         self._timer = timer
         self._guard = clock_guard
         self._on_round_trip = on_round_trip  # the metrics histogram
@@ -131,26 +153,29 @@ class KraLane:
         if recovered:
             log.warning("kra_in_flight_recovered", sales=recovered,
                         detail="sent before a stop with no answer; KRA is asked before any resend")
+        ahead: Numbered | None = None
         while True:
-            work = self._store.next_work()
+            work = ahead.work if ahead is not None else self._store.next_work()
             if work is None:
                 # Idle: a new sale wakes the lane at once; a sale another process queued (a technician's
                 # requeue or rescue) is found at the latest after this many seconds.
                 await self._sleep(self._settings.backoff_max_s)
                 continue
             now = self._clock()
-            if work.next_attempt_at is not None and work.next_attempt_at > now:
+            if ahead is None and work.next_attempt_at is not None and work.next_attempt_at > now:
                 await self._sleep((work.next_attempt_at - now).total_seconds())
                 continue
             try:
-                await self._step(work)
+                ahead = await self._step(work, ahead)
             except asyncio.CancelledError:
                 raise
             except StorageError:
+                ahead = None
                 # The disk is full (the outbox logs it): nothing was written, so the sale is where it
                 # was. One that KRA signed meanwhile is still in flight, and the lane asks KRA for it.
                 await asyncio.sleep(STORAGE_PAUSE_S)
             except Exception:  # a bug must not stop the lane for good; the sale is retried later
+                ahead = None
                 log.exception("kra_lane_error", sale=work.id)
                 with contextlib.suppress(StorageError):
                     # Once the sale holds an invoice number KRA may have it: ask KRA before any resend.
@@ -167,39 +192,92 @@ class KraLane:
                 await self._wake.wait()
         self._wake.clear()
 
-    async def _step(self, work: KraWork) -> None:
+    async def _step(self, work: KraWork, ahead: Numbered | None) -> Numbered | None:
+        """Move the sale at the head one step on; returns the sale behind it if that is numbered already."""
+        if ahead is not None:
+            return await self._send(work, ahead.invc_no, ahead.request)
         if work.state == "queued":
             stop = self._clock_stop()
             if stop is not None:  # a new invoice would carry a wrong time: wait until the clock is fixed
                 self._store.defer(work.id, "queued", self._clock() + timedelta(seconds=5), stop)
-                return
-            if work.kind == "credit_note" and work.original_invc_no is None:
-                # The original is ahead in the lane, so it was refused (parked), never signed.
+                return None
+            if self._original_refused(work):
                 self._park(work, "original", "the sale this credit note refunds was refused by KRA and has no "
                            "invoice number; requeue the corrected sale first, then this credit note", release=False)
-                return
+                return None
             if self._store.numbering_unverified() and not await self._learn_numbering(work):
-                return
+                return None
             if not await self._register_items(work):
-                return
-            allocated = self._store.allocate(work.id, self._builder(work), self._clock())
+                return None
+            allocated = self._store.allocate(work.id, self._builder(work), self._clock(), items=_items(work))
             if allocated is None:  # parked by a technician meanwhile: the next loop reads the head again
-                return
-            await self._send(work, *allocated)
-        elif work.state == "retry":
+                return None
+            return await self._send(work, *allocated)
+        if work.state == "retry":
             assert work.invc_no is not None and work.request is not None
             self._store.mark_sending(work.id)
-            await self._send(work, work.invc_no, work.request)
-        else:  # unknown (or in_flight left by a crash that recover() has not seen)
-            await self._reconcile(work)
+            return await self._send(work, work.invc_no, work.request)
+        # unknown (or in_flight left by a crash that recover() has not seen)
+        return await self._reconcile(work)
 
-    def _builder(self, work: KraWork) -> Callable[[int], str]:
+    @staticmethod
+    def _original_refused(work: KraWork) -> bool:
+        # A credit note whose original has no number: that sale is ahead in the lane, so KRA refused it.
+        return work.kind == "credit_note" and work.original_invc_no is None
+
+    def _ready(self, work: KraWork) -> bool:
+        """Whether a queued sale can be numbered now: nothing to ask KRA first, nothing to wait for."""
+        return (work.state == "queued" and (work.next_attempt_at is None or work.next_attempt_at <= self._clock())
+                and self._clock_stop() is None and not self._original_refused(work)
+                and not self._store.numbering_unverified() and not self._unregistered(work))
+
+    def _find_behind(self, ahead: KraWork, guess: int | None) -> Behind | None:
+        work = self._store.next_work(skip=ahead.id)
+        if work is None or not self._ready(work):
+            return None
+        return Behind(ahead.id, work, self._builder(work, guess))
+
+    def _look_behind(self, ahead: KraWork, invc_no: int) -> None:
+        """While KRA works on `ahead` (its request is on the wire): find the sale behind it and build
+        its request for the next number, so that once KRA signs, nothing is left to read or build
+        before that sale is numbered and sent."""
+        try:
+            self._behind = self._find_behind(ahead, guess=invc_no + 1)
+        except Exception:  # only a head start: _signed looks again and meets (and reports) the same error
+            self._behind = None
+
+    def _signed(self, work: KraWork, signature: dict[str, Any], *, adopted: bool) -> Numbered | None:
+        """Store KRA's signature. When the sale behind it is ready, number it in the same transaction: one
+        commit and one fsync instead of two, the lane's largest cost between two requests to KRA."""
+        done = Signed(work.id, signature, adopted)
+        behind, self._behind = self._behind, None
+        if behind is None or behind.ahead != work.id:
+            behind = self._find_behind(work, guess=None)
+        allocated = None
+        if behind is not None:
+            allocated = self._store.allocate(behind.work.id, behind.build, self._clock(), items=_items(behind.work),
+                                             after=done)
+        else:
+            self._store.signed(work.id, signature, self._clock(), adopted=adopted)
+        self._set_online(True)
+        self._settle(work.id)
+        return None if behind is None or allocated is None else Numbered(behind.work, *allocated)
+
+    def _builder(self, work: KraWork, guess: int | None = None) -> Callable[[int], str]:
+        """The sale's request for a given invoice number; the one for `guess` is made now (pure, and
+        the same text whenever it is made)."""
         credit = None
         if work.kind == "credit_note":
             assert work.original_invc_no is not None and work.refund_reason is not None
             credit = CreditNoteRef(work.original_invc_no, work.refund_reason,
                                    datetime.fromisoformat(work.sale["issued_at"]))
-        return lambda n: wire_json(sale_request(work.sale, work.amounts, n, self._seller, credit=credit))
+
+        def build(n: int) -> str:
+            return wire_json(sale_request(work.sale, work.amounts, n, self._seller, credit=credit))
+        if guess is None:
+            return build
+        made = build(guess)
+        return lambda n: made if n == guess else build(n)
 
     async def _learn_numbering(self, work: KraWork) -> bool:
         """Find the last invoice number KRA holds for this device before numbering a new one.
@@ -247,17 +325,22 @@ class KraLane:
         log.warning("kra_numbering_learned", last_held=low, counter_was=was, probes=probes)
         return True
 
+    def _unregistered(self, work: KraWork) -> list[dict[str, Any]]:
+        """The sale's lines whose items KRA does not have yet (saveItem before the sale)."""
+        known = self._store.registered_items(_items(work))
+        return [line for line in work.sale["lines"] if line["item_code"] not in known]
+
     async def _register_items(self, work: KraWork) -> bool:
-        known = self._store.registered_items([line["item_code"] for line in work.sale["lines"]])
-        for line in work.sale["lines"]:
+        done: set[str] = set()
+        for line in self._unregistered(work):
             code = line["item_code"]
-            if code in known:
+            if code in done:  # the same item on two lines
                 continue
             body = wire_json(item_request(line, self._seller, origin_country=self._settings.origin_country))
             reply = await self._client.save_item(body)
             if reply.ok or reply.code == "994":  # 994: KRA has the item already
                 self._store.item_registered(code, body, self._clock())
-                known.add(code)
+                done.add(code)
             elif reply.outcome is Outcome.REJECTED:
                 self._park(work, reply.code, f"item {code} was refused: {reply.message}", release=False)
                 return False
@@ -266,10 +349,11 @@ class KraLane:
                 return False
         return True
 
-    async def _send(self, work: KraWork, invc_no: int, request: str) -> None:
+    async def _send(self, work: KraWork, invc_no: int, request: str) -> Numbered | None:
         for _ in range(3):  # at most two renumberings in a row; then a person should look
+            self._behind = None
             started = self._timer()
-            reply = await self._client.save_sale(request)
+            reply = await self._client.save_sale(request, on_sent=functools.partial(self._look_behind, work, invc_no))
             took = self._timer() - started
             if reply.code.isdigit():  # KRA answered; a refused connection says nothing of its speed
                 self._note_round_trip(took)
@@ -277,48 +361,42 @@ class KraLane:
             if reply.ok:
                 if work.id in self._settled:  # a till waits: its answer says how much of it was KRA's
                     self._kra_s[work.id] = took
-                self._store.signed(work.id, signature_from(reply.data or {}), self._clock(), adopted=False)
-                self._set_online(True)
-                self._settle(work.id)
-                return
+                return self._signed(work, signature_from(reply.data or {}), adopted=False)
             if reply.outcome is Outcome.RETRY:
                 self._defer(work, "retry", reply)
-                return
+                return None
             if reply.outcome is Outcome.UNKNOWN:
                 self._defer(work, "unknown", reply, immediately=work.state != "unknown")
-                return
+                return None
             expected = expected_invoice_number(reply.message)
             if expected is None or expected == invc_no:
                 self._park(work, reply.code, reply.message, release=True)
-                return
+                return None
             # Strict numbering: KRA never accepted this number and names the one it expects.
             log.warning("kra_renumbered", sale=work.id, invc_no=invc_no, expected=expected)
             invc_no, request = expected, self._store.renumber(work.id, expected, self._builder(work), self._clock())
         self._park(work, reply.code, reply.message, release=True)
+        return None
 
-    async def _reconcile(self, work: KraWork) -> None:
+    async def _reconcile(self, work: KraWork) -> Numbered | None:
         assert work.invc_no is not None and work.request is not None
         reply = await self._client.invoice(work.invc_no)
         if reply.ok:
             found = _first_sale(reply.data)
             if found is not None and str(found.get("trdInvcNo")) == work.sale_id:
-                receipt = found.get("receipt") or {}
-                self._store.signed(work.id, signature_from(receipt), self._clock(), adopted=True)
                 log.info("kra_signature_adopted", sale=work.id, invc_no=work.invc_no)
-                self._set_online(True)
-                self._settle(work.id)
-                return
+                return self._signed(work, signature_from(found.get("receipt") or {}), adopted=True)
             other = None if found is None else found.get("trdInvcNo")
             self._park(work, "reconcile",
                        f"KRA holds invoice {work.invc_no} for another document ({other}); compare with KRA "
                        "before signing this sale again", release=False)
-            return
+            return None
         if reply.outcome is Outcome.EMPTY:  # KRA never recorded it: the identical request goes again
             self._set_online(True)
             self._store.mark_sending(work.id)
-            await self._send(work, work.invc_no, work.request)
-            return
+            return await self._send(work, work.invc_no, work.request)
         self._defer(work, "unknown", reply)
+        return None
 
     # --- bookkeeping ------------------------------------------------------------------------
 
@@ -374,6 +452,10 @@ class KraLane:
                 log.warning("kra_offline", backlog=backlog, reason=error)
         self.online = online
         self.last_error = None if online else error
+
+
+def _items(work: KraWork) -> list[str]:
+    return [line["item_code"] for line in work.sale["lines"]]
 
 
 def _first_sale(data: Any) -> dict[str, Any] | None:

@@ -9,14 +9,14 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
 from agent.queue import recovery
 from agent.queue.outbox import Outbox, timestamp
 from agent.queue.schema import kra_pending
-from agent.signing import PENDING_STATES, KraWork
+from agent.signing import PENDING_STATES, KraWork, Signed
 
 _WORK_COLUMNS = (
     "s.id, s.till_id, s.sale_id, s.kind, s.kra_state, s.kra_invc_no, k.body, s.kra_attempts, "
@@ -34,8 +34,20 @@ def _work(row: tuple[Any, ...]) -> KraWork:
                    original_invc_no=original_invc_no, refund_reason=refund_reason)
 
 
-class _NotQueued(Exception):
+class _NotReady(Exception):
     pass
+
+
+def _held_back(conn: sqlite3.Connection, items: Sequence[str]) -> bool:
+    """Whether a sale must not be numbered yet although it is queued (see KraStore.allocate)."""
+    codes = sorted(set(items))
+    marks = ", ".join("?" * len(codes))
+    blocked: int = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM counters WHERE name = ?) "
+        f"OR (SELECT count(*) FROM kra_items WHERE item_code IN ({marks})) < ?",
+        (recovery.UNVERIFIED, *codes, len(codes)),
+    ).fetchone()[0]
+    return blocked == 1
 
 
 def _keep_request(conn: sqlite3.Connection, sale_ref: int, request: str) -> None:
@@ -67,13 +79,14 @@ class KraStore:
     def numbering_learned(self, last_held: int, probes: int, now: datetime) -> int:
         return recovery.numbering_learned(self._box, last_held, probes, now)
 
-    def next_work(self) -> KraWork | None:
-        """The oldest sale not yet signed or parked: the lane never overtakes it."""
+    def next_work(self, *, skip: int | None = None) -> KraWork | None:
+        """The oldest sale not yet signed or parked: the lane never overtakes it. `skip`: the sale
+        KRA has just signed, its signature not stored yet: the sale behind it is wanted."""
         with self._box._read() as conn:
             row = conn.execute(
                 f"SELECT {_WORK_COLUMNS} FROM sales s LEFT JOIN sales o ON o.id = s.original_id "
                 "LEFT JOIN outgoing k ON k.sale_ref = s.id AND k.lane = 'kra' "
-                f"WHERE {kra_pending('s')} ORDER BY s.id LIMIT 1"
+                f"WHERE {kra_pending('s')} AND s.id != ? ORDER BY s.id LIMIT 1", (skip or 0,)
             ).fetchone()
         return None if row is None else _work(row)
 
@@ -86,30 +99,40 @@ class KraStore:
                                       f"AND state IN ({marks})", PENDING_STATES).fetchone()[0]
         return count
 
-    def allocate(self, sale_ref: int, build: Callable[[int], str], now: datetime) -> tuple[int, str] | None:
+    def allocate(self, sale_ref: int, build: Callable[[int], str], now: datetime, *, items: Sequence[str],
+                 after: Signed | None = None) -> tuple[int, str] | None:
         """Give the sale the next invoice number and store the exact request, before any send.
 
-        None (and nothing changed, the number handed back) if the sale is no longer queued: a
-        technician parked it while the lane was registering its items."""
+        `after`: the signature KRA has just given the sale before it, stored in the same transaction,
+        so that the two take one commit and one fsync instead of two commits.
+
+        None (and nothing changed, the number handed back; `after` stored on its own) if the sale may
+        not be numbered now, checked here under the write lock whatever the lane read before: it is no
+        longer queued (a technician parked it), KRA's numbering must be learned first, or KRA lacks one
+        of its `items`."""
         at = timestamp(now)
         try:
             with self._box._write() as conn:
+                if after is not None:
+                    self._store_signature(conn, after, at)
                 invc_no = conn.execute(
                     "UPDATE counters SET value = value + 1 WHERE name = 'invc_no' RETURNING value"
                 ).fetchone()[0]
-                request = build(invc_no)
                 moved = conn.execute(
                     "UPDATE sales SET kra_state = 'in_flight', kra_invc_no = ?, "
                     "kra_next_attempt_at = NULL, kra_error = NULL WHERE id = ? AND kra_state = 'queued'",
                     (invc_no, sale_ref),
                 ).rowcount
-                if moved != 1:
-                    raise _NotQueued  # rolls the counter back with everything else
+                if moved != 1 or _held_back(conn, items):
+                    raise _NotReady  # rolls the counter back with everything else
+                request = build(invc_no)
                 _keep_request(conn, sale_ref, request)
                 self._box._journal(conn, at, "sent", sale_ref, {
                     "invc_no": invc_no, "request_sha256": hashlib.sha256(request.encode()).hexdigest(),
                 })
-        except _NotQueued:
+        except _NotReady:
+            if after is not None:
+                self.signed(after.sale_ref, after.signature, now, adopted=after.adopted)
             return None
         return invc_no, request
 
@@ -135,19 +158,21 @@ class KraStore:
         number, or any sale accepted) carries it to the disk. A power cut before then leaves the sale
         in flight with its number, and after the restart the lane asks KRA and adopts the same
         signature; it is never signed again. That saves one of the two fsyncs per signed sale."""
-        at = timestamp(now)
         with self._box._write(flush=False) as conn:
-            invc_no = conn.execute(
-                "UPDATE sales SET kra_state = 'signed', kra_signature = ?, kra_signed_at = ?, kra_error = NULL, "
-                "kra_next_attempt_at = NULL WHERE id = ? RETURNING kra_invc_no",
-                (json.dumps(signature, sort_keys=True), at, sale_ref),
-            ).fetchone()[0]
-            # KRA holds the sale now; the request's SHA-256 stays in the journal's `sent` entry.
-            conn.execute("DELETE FROM outgoing WHERE sale_ref = ? AND lane = 'kra'", (sale_ref,))
-            self._box._journal(conn, at, "signed", sale_ref, {
-                "invc_no": invc_no, "rcpt_sign": signature.get("rcptSign"),
-                "sdc_date_time": signature.get("sdcDateTime"), "adopted": adopted,
-            })
+            self._store_signature(conn, Signed(sale_ref, signature, adopted), timestamp(now))
+
+    def _store_signature(self, conn: sqlite3.Connection, done: Signed, at: str) -> None:
+        invc_no = conn.execute(
+            "UPDATE sales SET kra_state = 'signed', kra_signature = ?, kra_signed_at = ?, kra_error = NULL, "
+            "kra_next_attempt_at = NULL WHERE id = ? RETURNING kra_invc_no",
+            (json.dumps(done.signature, sort_keys=True), at, done.sale_ref),
+        ).fetchone()[0]
+        # KRA holds the sale now; the request's SHA-256 stays in the journal's `sent` entry.
+        conn.execute("DELETE FROM outgoing WHERE sale_ref = ? AND lane = 'kra'", (done.sale_ref,))
+        self._box._journal(conn, at, "signed", done.sale_ref, {
+            "invc_no": invc_no, "rcpt_sign": done.signature.get("rcptSign"),
+            "sdc_date_time": done.signature.get("sdcDateTime"), "adopted": done.adopted,
+        })
 
     def defer(self, sale_ref: int, state: str, next_attempt_at: datetime, error: str) -> None:
         """Try again later (retry: resend as is; unknown: ask KRA first). Not a fiscal event."""
