@@ -26,8 +26,9 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
-## bench: every benchmark (intake, KRA signing, start-up, memory and disk, TSMS sync) as one table, about
-## 20 minutes; BENCH_ARGS=--quick for a fast look, BENCH_ARGS=--record to write docs/performance.md
+## bench: every benchmark (intake, KRA signing, a till beside head-office signing, start-up, memory and
+## disk, TSMS sync) as one table, about 20 minutes; BENCH_ARGS=--quick for a fast look,
+## BENCH_ARGS=--record to write docs/performance.md
 bench: $(STAMP)
 	$(BIN)/python bench/all.py $(BENCH_ARGS)
 

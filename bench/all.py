@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/all.py [--quick] [--only SECTION,...] [--record] [--build]
 
-Runs bench/ingest.py (intake), bench/drain.py (KRA signing), bench/startup.py (start-up),
+Runs bench/ingest.py (intake), bench/drain.py (KRA signing), bench/head_office_load.py (a till's
+latency while head-office batches are signed), bench/startup.py (start-up),
 bench/memory.py (memory and disk over 100,000 sales) and bench/sync.py (TSMS under the real rate
 limit) one after another, each on its own temporary data directory and processes, and prints all
 their rows as one table: measure | result | limit / target | verdict (PASS, MISS, or INFO where
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import drain
+import head_office_load
 import ingest
 import memory
 import startup
@@ -50,6 +52,8 @@ class Section:
 SECTIONS = (
     Section("ingest", "intake (bench/ingest.py)", ingest.measure, ("--sales", "1000", "--duration", "2")),
     Section("drain", "KRA signing (bench/drain.py)", drain.measure, ("--sales", "200", "--online", "50")),
+    Section("head-office-load", "a till beside head-office signing (bench/head_office_load.py)",
+            head_office_load.measure, ("--sales", "300")),
     Section("startup", "start-up (bench/startup.py)", startup.measure, ("--runs", "2")),
     Section("memory", "memory and disk (bench/memory.py)", memory.measure, ("--sales", "20000", "--step", "2000")),
     Section("sync", "TSMS sync (bench/sync.py)", sync.measure, ("--sales", "1000",)),

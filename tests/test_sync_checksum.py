@@ -26,7 +26,9 @@ from agent.sync.checksum import (
     checksum,
     encode,
     server_view,
+    sign_envelope,
     sign_submission,
+    sign_transaction,
     verify_submission,
     verify_void,
     void_checksum,
@@ -448,3 +450,19 @@ def test_signed_submissions_verify(transactions: list[dict[str, Any]], extra: di
     assert verify_submission(sign_submission(envelope)) == ("v2.1", [])
     # What a careful client does: sign the server's view, which the server then leaves unchanged.
     assert verify_submission(server_view(sign_submission(server_view(envelope)))) == ("v2.1", [])
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("key", ["transaction", "transactions"])
+def test_signing_one_transaction_at_a_time_gives_the_same_submission(key: str, version: str) -> None:
+    """The TSMS lane signs each transaction on its own, then the envelope over their texts: the
+    same checksums as signing the whole submission at once."""
+    envelope = example_envelope(Decimal) if key == "transaction" else batch_envelope()
+    fields = {k: v for k, v in envelope.items() if k != key}
+    items = [envelope[key]] if key == "transaction" else envelope[key]
+    signed = sign_envelope(fields, key, [sign_transaction(item, version) for item in items], version)
+    assert signed == sign_submission(envelope, version)
+    if version != "legacy":  # the server checks v2.1, then v2.0
+        assert verify_submission(signed) == (version, [])
+    with pytest.raises(ValueError, match="one transaction goes under"):
+        sign_envelope(fields, "transaction", [sign_transaction(item, version) for item in items * 2], version)

@@ -17,7 +17,8 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -68,6 +69,8 @@ def encode(value: Any) -> str:
     """
     if value is None:
         return "null"
+    if isinstance(value, Encoded):
+        return value.text
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):
@@ -90,13 +93,59 @@ def checksum(obj: Mapping[str, Any], version: str = "v2.1") -> str:
     return _digest(_without_checksum(obj), version)
 
 
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """A value already canonicalised and encoded: canonical() keeps it, encode() writes its text."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class SignedTransaction:
+    body: dict[str, Any]  # a copy of the transaction, with its payload_checksum
+    encoded: Encoded  # its canonical text, as the envelope's checksum reads it
+
+
+def sign_transaction(transaction: Mapping[str, Any], version: str = "v2.1") -> SignedTransaction:
+    """A transaction's checksum, and its canonical text for the envelope's. A transaction is
+    canonicalised the same inside its envelope as alone (no key above it is a money key), so the
+    envelope's checksum reuses the text instead of canonicalising every transaction a second time."""
+    signed: dict[str, Any] = _plain_copy(transaction)
+    signed["payload_checksum"] = checksum(signed, version)
+    return SignedTransaction(signed, Encoded(encode(canonical(signed, version))))
+
+
+def sign_envelope(envelope: Mapping[str, Any], key: str, transactions: list[SignedTransaction],
+                  version: str = "v2.1") -> dict[str, Any]:
+    """The signed envelope: `envelope`'s fields with the signed transactions under `key`
+    ("transaction" for one, "transactions" for a list), and the envelope's own checksum."""
+    if key not in ("transaction", "transactions") or (key == "transaction" and len(transactions) != 1):
+        raise ValueError(f"one transaction goes under 'transaction', a list under 'transactions', not {key!r}")
+    signed: dict[str, Any] = _plain_copy(envelope)
+    hashed = dict(signed)
+    if key == "transaction":
+        signed[key], hashed[key] = transactions[0].body, transactions[0].encoded
+    else:
+        signed[key], hashed[key] = [t.body for t in transactions], [t.encoded for t in transactions]
+    signed["payload_checksum"] = checksum(hashed, version)
+    return signed
+
+
 def sign_submission(envelope: Mapping[str, Any], version: str = "v2.1") -> dict[str, Any]:
     """A signed copy of the envelope: each transaction's checksum first, then the envelope's."""
     _money_keys(version)
     signed: dict[str, Any] = _plain_copy(envelope)
-    for transaction in _signable_transactions(signed):
-        transaction["payload_checksum"] = checksum(transaction, version)
-    signed["payload_checksum"] = checksum(signed, version)
+    hashed = dict(signed)  # the envelope as its checksum reads it: signed transactions as their texts
+    single = signed.get("transaction")
+    if isinstance(single, dict):
+        done = sign_transaction(single, version)
+        signed["transaction"], hashed["transaction"] = done.body, done.encoded
+    batch = signed.get("transactions")
+    if isinstance(batch, list):
+        items = [sign_transaction(item, version) if isinstance(item, dict) else item for item in batch]
+        signed["transactions"] = [i.body if isinstance(i, SignedTransaction) else i for i in items]
+        hashed["transactions"] = [i.encoded if isinstance(i, SignedTransaction) else i for i in items]
+    signed["payload_checksum"] = checksum(hashed, version)
     return signed
 
 
@@ -145,6 +194,8 @@ def _money_keys(version: str) -> frozenset[str]:
 
 
 def _canonical(value: Any, money: frozenset[str], version: str) -> Any:
+    if isinstance(value, Encoded):
+        return value
     if isinstance(value, Mapping):
         if not value:
             return []  # json_decode(..., true) makes {} an empty array, which encodes as []
@@ -288,14 +339,6 @@ def _plain_copy(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_plain_copy(item) for item in value]
     return value
-
-
-def _signable_transactions(envelope: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    if isinstance(envelope.get("transaction"), dict):
-        yield envelope["transaction"]
-    batch = envelope.get("transactions")
-    if isinstance(batch, list):
-        yield from (item for item in batch if isinstance(item, dict))
 
 
 def _submission_errors(envelope: Mapping[str, Any], version: str) -> list[str]:
