@@ -35,7 +35,19 @@ import ingest
 import memory
 import startup
 import sync
-from common import MISS, ROOT, Row, broken, load_average, machine, print_table, say, table_markdown
+from common import (
+    MISS,
+    ROOT,
+    Row,
+    broken,
+    cpu_ticks,
+    load_average,
+    machine,
+    print_table,
+    say,
+    stolen_since,
+    table_markdown,
+)
 
 DOC = ROOT / "docs" / "performance.md"
 BEGIN, END = "<!-- bench/all.py: generated table, begin -->", "<!-- bench/all.py: generated table, end -->"
@@ -63,7 +75,7 @@ SECTIONS = (
 def run_section(section: Section, options: Sequence[str]) -> tuple[list[Row], float]:
     """The section's rows under a heading row, and its run time; a failure becomes a MISS row."""
     say(f"== {section.title} {' '.join(options)}")
-    started, load_before = time.monotonic(), load_average(1)
+    started, load_before, ticks = time.monotonic(), load_average(1), cpu_ticks()
     try:
         rows = section.measure(list(options))
     except Exception as exc:  # one section failing must not lose the others' figures
@@ -73,7 +85,8 @@ def run_section(section: Section, options: Sequence[str]) -> tuple[list[Row], fl
     seconds = time.monotonic() - started
     say(f"== {section.name} took {seconds:.0f} s")
     # The 1-minute load average beside each section: other work on the machine shows as noise.
-    heading = Row(f"[{section.title}]", f"{seconds:.0f} s, load {load_before} -> {load_average(1)}", "", "")
+    heading = Row(f"[{section.title}]", f"{seconds:.0f} s, load {load_before} -> {load_average(1)}, "
+                  f"steal {stolen_since(ticks)}", "", "")
     return [heading, *rows], seconds
 
 
@@ -127,7 +140,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     facts = machine()
-    started, load_before = time.monotonic(), load_average()
+    started, load_before, ticks = time.monotonic(), load_average(), cpu_ticks()
     rows: list[Row] = []
     for section in SECTIONS:
         if args.only and section.name not in args.only:
@@ -138,7 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         section_rows, _ = run_section(section, options)
         rows += section_rows
     seconds = time.monotonic() - started
-    facts.append(f"load average (1/5/15 min) before: {load_before}, after: {load_average()}")
+    facts.append(f"load average (1/5/15 min) before: {load_before}, after: {load_average()}; "
+                 f"CPU time taken by the host (steal): {stolen_since(ticks)}")
     print()
     for fact in facts:
         print(fact)

@@ -445,11 +445,31 @@ def load_average(count: int = 3) -> str:
     return "/".join(f"{x:.2f}" for x in os.getloadavg()[:count]) if hasattr(os, "getloadavg") else "?"
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """(all CPU time, time stolen by the hypervisor) so far, in clock ticks, from /proc/stat; (0, 0)
+    where there is none."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return sum(fields[:8]), fields[7] if len(fields) > 7 else 0
+
+
+def stolen_since(before: tuple[int, int]) -> str:
+    """The share of CPU time the host took from this (virtual) machine since `before`: on a shared
+    host it lengthens every figure, the simulators' answers included."""
+    total, steal = cpu_ticks()
+    spent = total - before[0]
+    return f"{(steal - before[1]) / spent:.1%}" if spent > 0 else "unknown"
+
+
 def standalone(measure: Callable[[Sequence[str] | None], list[Row]], argv: Sequence[str] | None = None) -> int:
     """A script run on its own: the machine, then its table; exit 1 if the run itself went wrong."""
     for line in machine():
         print(line)
+    before = cpu_ticks()
     rows = measure(argv)
     print()
     print_table(rows)
+    print(f"\nCPU time taken by the host (steal) during the run: {stolen_since(before)}")
     return 1 if broken(rows) else 0
