@@ -153,41 +153,23 @@ def signed_times(outbox: Path) -> list[datetime]:
     return [datetime.fromisoformat(r[0]) for r in rows]
 
 
-def signed_count(outbox: Path) -> int:
-    """From the per-state counts the agent's triggers keep: one row read, so that watching the drain
-    takes next to nothing from the agent it measures (two cores, shared with the simulators)."""
+def state_count(outbox: Path, lane: str, state: str) -> int:
+    """From the per-state counts the agent's triggers keep: one row read, so that watching the agent
+    takes next to nothing from it (two cores, shared with the simulators)."""
     conn = sqlite3.connect(f"file:{outbox}?mode=ro", uri=True, timeout=10)
     try:
-        row = conn.execute("SELECT sales FROM state_counts WHERE lane = 'kra' AND state = 'signed'").fetchone()
+        row = conn.execute("SELECT sales FROM state_counts WHERE lane = ? AND state = ?", (lane, state)).fetchone()
     finally:
         conn.close()
     return 0 if row is None else int(row[0])
 
 
-def wait_signed(outbox: Path, count: int, timeout: float) -> list[datetime]:
+def wait_for(outbox: Path, lane: str, state: str, count: int, timeout: float, every_s: float) -> None:
     deadline = time.monotonic() + timeout
-    while (signed := signed_count(outbox)) < count:
+    while (done := state_count(outbox, lane, state)) < count:
         if time.monotonic() > deadline:
-            raise TimeoutError(f"only {signed} of {count} sales signed after {timeout:.0f} s")
-        time.sleep(0.25)
-    return signed_times(outbox)
-
-
-def synced_count(outbox: Path) -> int:
-    conn = sqlite3.connect(f"file:{outbox}?mode=ro", uri=True, timeout=10)
-    try:
-        row = conn.execute("SELECT sales FROM state_counts WHERE lane = 'tsms' AND state = 'synced'").fetchone()
-    finally:
-        conn.close()
-    return 0 if row is None else int(row[0])
-
-
-def wait_synced(outbox: Path, count: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while (synced := synced_count(outbox)) < count:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"only {synced} of {count} sales at head office after {timeout:.0f} s")
-        time.sleep(0.5)
+            raise TimeoutError(f"only {done} of {count} sales {state} on the {lane} lane after {timeout:.0f} s")
+        time.sleep(every_s)
 
 
 def online(http: httpx.Client, prefix: str, count: int) -> tuple[list[float], list[float]]:
@@ -250,15 +232,18 @@ def bench(args: argparse.Namespace, folder: Path) -> list[Row]:
             kra.faults(outage=False, latency_ms=added_ms)
             probe = Probe(kra.api_url, cmc_key(folder / "data"))
             probe.start()
-            times = wait_signed(outbox, args.sales, timeout=args.sales * (latency + 0.05) + 60)
+            wait_for(outbox, "kra", "signed", args.sales, timeout=args.sales * (latency + 0.05) + 60, every_s=0.25)
+            times = signed_times(outbox)
             during_drain = probe.finish()
             connections2, requests2 = kra.counters()
+            # Less the probe's own: one kept-alive connection and its requests.
+            connections2, requests2 = connections2 - 1, requests2 - len(during_drain)
             drain_s = (times[-1] - times[0]).total_seconds()
             rate = (args.sales - 1) / drain_s
 
             catching_up = online(http, "C", args.online)
             say(f"drain phase 2: {args.online} sales signed online while head office catches up on the backlog")
-            wait_synced(outbox, args.sales + args.online, timeout=args.sales + 120)
+            wait_for(outbox, "tsms", "synced", args.sales + args.online, timeout=args.sales + 120, every_s=0.5)
             answers, kra_times = online(http, "O", args.online)
             say(f"drain phase 3: {args.online} sales signed online, head office up to date")
         plain = kra.round_trips(cmc_key(folder / "data"), max(100, args.online))
