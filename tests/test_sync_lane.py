@@ -3,21 +3,26 @@ once, whatever the server does. Every check of what head office holds reads the 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_sale
+from conftest import RULES, make_sale
 from kra_agent import init_key, kra_lane
 from starlette.testclient import TestClient
-from tsms_agent import sync_agent
+from tsms_agent import SERIAL, sync_agent
 
+from agent.clock import system_clock
+from agent.intake import accept
 from agent.kra.simulator import Simulator as KraSimulator
 from agent.kra.simulator import SimulatorConfig as KraSimulatorConfig
 from agent.queue.outbox import Outbox
+from agent.sync.lane import head_office_builder
 from agent.sync.simulator import Simulator, TsmsSimulatorConfig
+from agent.sync.transaction import Terminal
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -68,6 +73,23 @@ def test_single_and_batch_submissions(sim: Simulator, db_path: Path) -> None:
     sizes = [s["transaction_count"] for s in sim.state()["submissions"].values()]
     assert sizes[0] == 1 and max(sizes) <= 50 and sum(sizes) == 121
     assert outbox.verify() == []
+    outbox.close()
+
+
+def test_fewer_than_a_batch_left_after_a_submission_wait_for_more(sim: Simulator, db_path: Path) -> None:
+    """After a submission, the sales left over (fewer than a batch) wait `coalesce_s` for more to
+    arrive instead of going at once: each submission costs a request, a row and journal entries."""
+    box = Outbox.open(db_path)
+    rules = dataclasses.replace(RULES, head_office=head_office_builder(Terminal(SERIAL, "C-T1001")))
+    for i in range(60):
+        accept(box, make_sale(sale_id=f"A-{i}"), rules, system_clock())
+    client, outbox, _ = sync_agent(db_path, sim, batch_size=50, coalesce_s=1.0, outbox=box)
+    with client:
+        wait_for(lambda: len(sim.state()["submissions"]) >= 1)
+        post_many(client, 30, "B")  # while the 10 left over wait
+        wait_for(lambda: all_synced(outbox))
+    assert [s["transaction_count"] for s in sim.state()["submissions"].values()] == [50, 40]
+    assert_each_once(sim, outbox)
     outbox.close()
 
 

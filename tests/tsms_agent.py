@@ -26,14 +26,14 @@ SERIAL, API_KEY = "TSMS-SIM-0001", "sim-api-key-0001"
 
 def sync_agent(db_path: Path, sim: Simulator, *, batch_size: int = 50, max_body_bytes: int = 2 * 1024 * 1024,
                protocol: str = "v2.1", signer: KraLane | None = None, outbox: Outbox | None = None,
-               sign_budget_s: float = 0.0) -> tuple[TestClient, Outbox, TsmsLane]:
+               sign_budget_s: float = 0.0, coalesce_s: float = 0.05) -> tuple[TestClient, Outbox, TsmsLane]:
     """A till API with a TSMS lane on `sim`; use the client as a context manager to run the lanes."""
     outbox = outbox or Outbox.open(db_path)
     terminal = Terminal(hardware_id=SERIAL, customer_code="C-T1001", protocol=protocol)
     client = TsmsClient(sim.api_url, connect_timeout=1.0, read_timeout=2.0)
     settings = SyncSettings(tenant_id=1, terminal_id=7, serial_number=SERIAL, batch_size=batch_size,
                             max_body_bytes=max_body_bytes, interval_s=0.2, backoff_base_s=0.05, backoff_max_s=0.5,
-                            coalesce_s=0.05)
+                            coalesce_s=coalesce_s)
     lane = TsmsLane(TsmsStore(outbox), client, StoredCredentials(None, Secret(API_KEY)), terminal, settings,
                     system_clock)
     ctx = ApiContext(outbox=outbox, rules=dataclasses.replace(RULES, head_office=head_office_builder(terminal)),

@@ -145,13 +145,19 @@ class TsmsLane:
                 pause = 30.0
             if pause is None:  # idle: until a new sale wakes the lane, or the next sync round
                 await self._sleep(self._settings.interval_s)
-                if self._store.backlog() < self._limit:
-                    # Let a few more sales arrive, so a steady trickle makes batches rather than one
-                    # submission each (the server allows a terminal 50 a minute).
-                    await asyncio.sleep(self._settings.coalesce_s)
+                await self._coalesce(self._store.backlog())
             elif pause > 0:  # Retry-After or backoff: new sales must not cut it short
                 await asyncio.sleep(pause)
                 self._wake.clear()
+            elif backlog := self._store.backlog():  # sent: the next batch at once only if it is full
+                await self._coalesce(backlog)
+
+    async def _coalesce(self, backlog: int) -> None:
+        """Let a few more sales arrive when fewer than a batch wait, so that a steady trickle makes
+        batches rather than a submission each (the server allows a terminal 50 a minute), also right
+        after a batch went: each submission costs a request, a row and its journal entries."""
+        if backlog < self._limit:
+            await asyncio.sleep(self._settings.coalesce_s)
 
     async def _sleep(self, seconds: float) -> None:
         # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel that lands as the
