@@ -121,30 +121,34 @@ def sign_envelope(envelope: Mapping[str, Any], key: str, transactions: list[Sign
     ("transaction" for one, "transactions" for a list), and the envelope's own checksum."""
     if key not in ("transaction", "transactions") or (key == "transaction" and len(transactions) != 1):
         raise ValueError(f"one transaction goes under 'transaction', a list under 'transactions', not {key!r}")
-    signed: dict[str, Any] = _plain_copy(envelope)
-    hashed = dict(signed)
-    if key == "transaction":
-        signed[key], hashed[key] = transactions[0].body, transactions[0].encoded
-    else:
-        signed[key], hashed[key] = [t.body for t in transactions], [t.encoded for t in transactions]
-    signed["payload_checksum"] = checksum(hashed, version)
-    return signed
+    placed = ((transactions[0].body, transactions[0].encoded) if key == "transaction"
+              else ([t.body for t in transactions], [t.encoded for t in transactions]))
+    return _sealed(envelope, {key: placed}, version)
 
 
 def sign_submission(envelope: Mapping[str, Any], version: str = "v2.1") -> dict[str, Any]:
     """A signed copy of the envelope: each transaction's checksum first, then the envelope's."""
     _money_keys(version)
-    signed: dict[str, Any] = _plain_copy(envelope)
-    hashed = dict(signed)  # the envelope as its checksum reads it: signed transactions as their texts
-    single = signed.get("transaction")
-    if isinstance(single, dict):
+    placed: dict[str, tuple[Any, Any]] = {}
+    single = envelope.get("transaction")
+    if isinstance(single, Mapping):
         done = sign_transaction(single, version)
-        signed["transaction"], hashed["transaction"] = done.body, done.encoded
-    batch = signed.get("transactions")
+        placed["transaction"] = (done.body, done.encoded)
+    batch = envelope.get("transactions")
     if isinstance(batch, list):
-        items = [sign_transaction(item, version) if isinstance(item, dict) else item for item in batch]
-        signed["transactions"] = [i.body if isinstance(i, SignedTransaction) else i for i in items]
-        hashed["transactions"] = [i.encoded if isinstance(i, SignedTransaction) else i for i in items]
+        items = [sign_transaction(item, version) if isinstance(item, Mapping) else _plain_copy(item) for item in batch]
+        placed["transactions"] = ([i.body if isinstance(i, SignedTransaction) else i for i in items],
+                                  [i.encoded if isinstance(i, SignedTransaction) else i for i in items])
+    return _sealed(envelope, placed, version)
+
+
+def _sealed(envelope: Mapping[str, Any], placed: Mapping[str, tuple[Any, Any]], version: str) -> dict[str, Any]:
+    """A copy of the envelope with its signed transactions put in (`key: (as sent, as hashed)`) and
+    the envelope's checksum over the transactions' canonical texts."""
+    signed: dict[str, Any] = _plain_copy(envelope)
+    hashed = dict(signed)
+    for key, (body, encoded) in placed.items():
+        signed[key], hashed[key] = body, encoded
     signed["payload_checksum"] = checksum(hashed, version)
     return signed
 
