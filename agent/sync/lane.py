@@ -224,28 +224,28 @@ class TsmsLane:
         rows = self._store.unsynced(self._limit)
         if not rows:
             return None
-        built = {r.id: self._build(r.sale, r.amounts, r.receipt_no) for r in rows if r.transaction is None}
+        built = {r.id: self._build(*r.source(), r.receipt_no) for r in rows if r.transaction is None}
         texts = [built[r.id][1] if r.id in built else str(r.transaction) for r in rows]
-        body, count = await self._body(texts)
+        submission_uuid = str(uuids.uuid4())
+        body, count = await self._body(submission_uuid, texts)
         ids = [r.id for r in rows[:count]]
-        submission_uuid = json.loads(body)["submission_uuid"]
         self._store.create_submission(submission_uuid, body, ids, {k: v for k, v in built.items() if k in ids},
                                       self._clock())
         return Submission(submission_uuid, body.encode(), len(ids), 0)
 
-    async def _body(self, texts: list[str]) -> tuple[str, int]:
+    async def _body(self, submission_uuid: str, texts: list[str]) -> tuple[str, int]:
         """The signed submission body for the first of these transactions that fit under the server's
         size limit, and how many went in."""
         transactions = await signed_transactions(texts, self._terminal.protocol)
         while True:
-            body = self._envelope(transactions)
+            body = self._envelope(submission_uuid, transactions)
             if len(body.encode()) <= self._settings.max_body_bytes or len(transactions) == 1:
                 return body, len(transactions)
             transactions = transactions[: len(transactions) // 2]  # keep under the server's 2 MiB
 
-    def _envelope(self, transactions: list[SignedTransaction]) -> str:
+    def _envelope(self, submission_uuid: str, transactions: list[SignedTransaction]) -> str:
         envelope: dict[str, Any] = {
-            "submission_uuid": str(uuids.uuid4()),
+            "submission_uuid": submission_uuid,
             "tenant_id": self._settings.tenant_id,
             "terminal_id": self._settings.terminal_id,
             "submission_timestamp": utc_z(self._clock()),
