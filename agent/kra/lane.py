@@ -138,7 +138,8 @@ class KraLane:
         """Wait until the sale is signed or parked, at most `timeout` seconds."""
         event = self._settled.setdefault(sale_ref, asyncio.Event())
         try:
-            await asyncio.wait_for(event.wait(), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: it makes a task for every sale
+                await event.wait()
             return True
         except TimeoutError:
             return False
