@@ -455,6 +455,37 @@ def cpu_ticks() -> tuple[int, int]:
     return sum(fields[:8]), fields[7] if len(fields) > 7 else 0
 
 
+def _spin(n: int) -> int:
+    total = 0
+    for i in range(n):
+        total += i * i
+    return total
+
+
+def fixed_work_times(work_s: float, rounds: int = 500, gap_s: float = 0.02) -> list[float]:
+    """How long one fixed piece of pure-Python work takes, timed `rounds` times with `gap_s` of sleep
+    between (a sale's rhythm when KRA answers in 20 ms): the spread this machine gives any work of
+    that size, whatever the code. Its p50 is `work_s`; its tail is the host's (descheduling, steal)."""
+    n = 10_000
+    while True:  # grow until one run is long enough to time well, then scale to work_s
+        started = time.perf_counter()
+        _spin(n)
+        took = time.perf_counter() - started
+        if took > 0.002:
+            break
+        n *= 2
+    n = max(1, int(n * work_s / took))
+    times = []
+    for _ in range(rounds):
+        time.sleep(gap_s)
+        started = time.perf_counter()
+        _spin(n)
+        times.append(time.perf_counter() - started)
+    # Rescale so that the p50 is work_s exactly: the calibration run may itself have been slowed.
+    scale = work_s / percentile(times, 0.5)
+    return [t * scale for t in times]
+
+
 def stolen_since(before: tuple[int, int]) -> str:
     """The share of CPU time the host took from this (virtual) machine since `before`: on a shared
     host it lengthens every figure, the simulators' answers included."""
