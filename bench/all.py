@@ -67,7 +67,8 @@ SECTIONS = (
     Section("head-office-load", "a till beside head-office signing (bench/head_office_load.py)",
             head_office_load.measure, ("--sales", "300")),
     Section("startup", "start-up (bench/startup.py)", startup.measure, ("--runs", "2")),
-    Section("memory", "memory and disk (bench/memory.py)", memory.measure, ("--sales", "20000", "--step", "2000")),
+    Section("memory", "memory and disk (bench/memory.py)", memory.measure,
+            ("--sales", "20000", "--step", "2000", "--slow-shop", "1000")),
     Section("sync", "TSMS sync (bench/sync.py)", sync.measure, ("--sales", "1000",)),
 )
 

@@ -105,13 +105,13 @@ def write_config(folder: Path, settings: str) -> Path:
     return config
 
 
-def lane_settings(kra: SimulatorProcess, tsms: SimulatorProcess, kra_extra: str = "") -> str:
+def lane_settings(kra: SimulatorProcess, tsms: SimulatorProcess, kra_extra: str = "", tsms_extra: str = "") -> str:
     """Both lanes on simulator processes, keys in the file secret store (a headless box).
 
     Simulators in processes of their own, not the agent's built-in ones: their CPU and their
     growing state would otherwise count as the agent's."""
     return (f'[kra]\nbase_url = "{kra.api_url}"\n{kra_extra}'
-            f'[tsms]\nbase_url = "{tsms.api_url}"\napi_key = "sim-api-key-0001"\n'
+            f'[tsms]\nbase_url = "{tsms.api_url}"\napi_key = "sim-api-key-0001"\n{tsms_extra}'
             '[secrets]\nbackend = "file"\n')
 
 

@@ -1,6 +1,6 @@
 """Memory and disk benchmark: the agent's resident size and database over 100,000 sales.
 
-    .venv/bin/python bench/memory.py [--sales N] [--step S] [--clients C]
+    .venv/bin/python bench/memory.py [--sales N] [--step S] [--clients C] [--slow-shop N]
 
 Starts a KRA simulator and a TSMS simulator as processes of their own (so their growing state is
 not counted in the agent's memory), initialises the agent against them (`etims-agent init`, keys in
@@ -22,6 +22,12 @@ to its first accepted sale (bench/startup.py times an almost empty one), beside 
 a copy of the outbox as if 31 days had passed (keep_days = 30): every sale must go, `verify` must
 pass, and the table gives the bytes each pruned sale still holds (its journal entries and
 tombstone) and the pages freed, which SQLite reuses for new sales before the file grows.
+
+The same database measure is then taken for a slow shop (`--slow-shop` sales, 5,000 by default): a
+shop selling a sale every few seconds sends each sale to head office alone (the lane waits
+`coalesce_s`, 2 s, for more), so each sale carries a whole submission's row and journal entry. The
+agent is run with `tsms.batch_size = 1`, which gives the same database without the wait. The field
+notes' sizing (2,000 sales a day) is such a shop, so this row is judged against it too.
 
 Exit code 1 if the run itself went wrong. bench/all.py calls `measure(argv)`.
 """
@@ -163,6 +169,46 @@ def measure_disk(outbox: Path) -> Disk:
                 unsent)
 
 
+def slow_shop(folder: Path, sales: int) -> list[Row]:
+    """Bytes per sale when every sale reaches head office in a submission of its own."""
+    kra = SimulatorProcess(folder, "kra")
+    tsms = SimulatorProcess(folder, "tsms", *NO_RATE_LIMIT)
+    try:
+        initialise(write_config(folder, lane_settings(kra, tsms, tsms_extra="batch_size = 1\n")))
+        agent = AgentProcess(folder, settings=None)
+        try:
+            run = post_all(agent, make_sales("S", sales, 1), 1)
+            if run.errors:
+                raise RuntimeError(f"sales refused: {run.errors[:3]}")
+            wait_settled(agent.outbox, timeout=600)
+        finally:
+            code = agent.stop()
+        disk = measure_disk(agent.outbox)
+        submissions = submission_count(agent.outbox)
+    finally:
+        tsms.stop()
+        kra.stop()
+    per_sale = disk.file_bytes / disk.sales
+    tables = sorted(disk.by_table.items(), key=lambda kv: -kv[1])
+    return [
+        Row(f"database bytes per sale, slow shop: {disk.sales} sales, each alone to head office",
+            f"{per_sale:,.0f} B ({submissions} submissions)", f"<= {SIZING_BYTES_PER_SALE:,.0f} B",
+            verdict(per_sale <= SIZING_BYTES_PER_SALE)),
+        Row("  per table, indexes included, B/sale",
+            ", ".join(f"{t} {b / disk.sales:,.0f}" for t, b in tables if b / disk.sales >= 5)),
+        Row("slow shop: agent stopped by SIGTERM", f"exit {code}", "exit 0", verdict(code == 0), check=True),
+    ]
+
+
+def submission_count(outbox: Path) -> int:
+    """Submissions head office accepted (their rows are not kept; each leaves a journal entry)."""
+    conn = sqlite3.connect(f"file:{outbox}?mode=ro", uri=True)
+    try:
+        return int(conn.execute("SELECT count(*) FROM journal WHERE event = 'tsms_synced'").fetchone()[0])
+    finally:
+        conn.close()
+
+
 def disk_rows(disk: Disk) -> list[Row]:
     n = disk.sales
     per_sale = disk.file_bytes / n
@@ -238,9 +284,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=8, help="concurrent keep-alive connections (and tills)")
     p.add_argument("--dir", type=Path, default=None, help="where the temporary data directory goes")
     p.add_argument("--keep", action="store_true", help="keep the data directory afterwards")
+    p.add_argument("--slow-shop", type=int, default=5000,
+                   help="sales for the slow shop's database, each sent to head office alone (0: skip)")
     args = p.parse_args(argv)
-    if args.step < 1 or args.sales < 2 * args.step or args.clients < 1:
-        p.error("--sales must be at least twice --step, both positive; --clients positive")
+    if args.step < 1 or args.sales < 2 * args.step or args.clients < 1 or args.slow_shop < 0:
+        p.error("--sales must be at least twice --step, both positive; --clients positive; --slow-shop not negative")
     return args
 
 
@@ -270,7 +318,10 @@ def bench(args: argparse.Namespace, folder: Path) -> list[Row]:
     finally:
         tsms.stop()
         kra.stop()
-    return memory_rows(idle, samples, settle_s, settled, code) + disk_rows(disk) + retention_rows(disk, pruned) + [
+    slow = in_temp_dir("etims-slow-shop-", args.dir, lambda f: slow_shop(f, args.slow_shop)) if args.slow_shop else []
+    rows = memory_rows(idle, samples, settle_s, settled, code) + disk_rows(disk) + slow + retention_rows(disk, pruned)
+    return [
+        *rows,
         Row(f"start-up to first accepted sale on the {disk.sales}-sale outbox (source, no bytecode cache)",
             f"{ms(restart.first_sale_s)} (listening after {ms(restart.listening_s)})", "none in the design"),
         Row("  of which PRAGMA quick_check of the outbox (run at every start)", ms(disk.quick_check_s)),
