@@ -18,6 +18,7 @@ from agent.queue.journal import GENESIS, entry_hash
 from agent.queue.kra_store import KraStore
 from agent.queue.outbox import Outbox, timestamp
 from agent.queue.schema import kra_pending, migrations
+from agent.queue.tsms_store import TsmsStore
 from agent.signing import PENDING_STATES, Signed
 
 
@@ -100,7 +101,8 @@ class TestDurability:
 
     def test_upgrade_moves_the_texts_still_to_send_out_of_the_sales_rows(self, db_path: Path) -> None:
         """m006: a request or transaction not yet acknowledged moves to `outgoing` unchanged; one
-        already acknowledged is dropped, and so is the body of a submission head office holds."""
+        already acknowledged is dropped, and so is the body of a submission head office holds (and, from
+        m009, the whole submission)."""
         db_path.parent.mkdir(parents=True)
         conn = sqlite3.connect(db_path, isolation_level=None)
         migrations.apply(Database(conn), stop_before="m006_outgoing")
@@ -126,8 +128,8 @@ class TestDurability:
                 (2, "kra", "request 2"), (2, "tsms", "transaction 2"), (3, "tsms", "transaction 3")]
             columns = {r[1] for r in conn.execute("PRAGMA table_info(sales)")}
             assert not {"kra_request", "tsms_transaction"} & columns
-            assert dict(conn.execute("SELECT uuid, body FROM tsms_submissions")) == {
-                "u-accepted": "", "u-pending": "body"}
+            # m009: an accepted submission is not kept at all (m006 had emptied its body).
+            assert dict(conn.execute("SELECT uuid, body FROM tsms_submissions")) == {"u-pending": "body"}
         finally:
             conn.close()
 
@@ -284,6 +286,36 @@ class TestStats:
                 assert "USING INDEX sales_kra_pending" in plan or "USING COVERING INDEX sales_kra_pending" in plan, plan
         finally:
             conn.close()
+
+    def test_head_office_answers_find_a_submission_through_the_batched_index(
+            self, outbox: Outbox, db_path: Path, clock: FakeClock) -> None:
+        """Accepting, splitting and refusing a submission find its sales through the partial index on
+        batched sales (m010), not by scanning every sale head office already holds."""
+        store(outbox, clock, 6)
+        tsms = TsmsStore(outbox)
+        refs = [u.id for u in tsms.unsynced(10)]
+        for n, uuid in enumerate(("u-ok", "u-split", "u-bad")):
+            tsms.create_submission(uuid, "{}", refs[2 * n:2 * n + 2], {}, clock())
+        statements: list[str] = []
+        outbox._conn.set_trace_callback(statements.append)  # each statement as run, its values in place
+        try:
+            tsms.accepted("u-ok", clock())
+            tsms.split("u-split", 413, "too large", clock())
+            tsms.rejected("u-bad", 422, "bad sale", clock())
+        finally:
+            outbox._conn.set_trace_callback(None)
+        # Unique: the state-count triggers make each UPDATE show once more per trigger step.
+        lookups = list(dict.fromkeys(sql for sql in statements if "tsms_submission =" in sql))
+        assert len(lookups) == 4, statements
+        conn = sqlite3.connect(db_path)
+        try:
+            for sql in lookups:
+                plan = " ".join(row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}"))
+                assert "USING INDEX sales_tsms_batched" in plan and "SCAN sales" not in plan, (sql, plan)
+        finally:
+            conn.close()
+        assert [record.tsms_state for record in outbox.all_sales()] == [
+            "synced", "synced", "pending", "pending", "rejected", "rejected"]
 
     def test_prepare_is_pure(self) -> None:
         """prepare() validates and serialises without touching storage."""

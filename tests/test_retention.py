@@ -63,7 +63,7 @@ def sync(box: Outbox, clock: FakeClock, *refs: int, accepted: bool = True) -> st
     store = TsmsStore(box)
     store.create_submission(name, "{}", list(refs), {}, clock())
     if accepted:
-        store.accepted(name, 202, clock())
+        store.accepted(name, clock())
     return name
 
 
@@ -154,7 +154,7 @@ class TestWhatIsPruned:
         invoices = sorted(s.kra_invc_no for s in gone if s.kra_invc_no is not None)
         assert entry["invc_nos"] == runs(invoices) and len(entry["invc_nos"]) > 1  # kept sales' numbers between
         assert entry["cutoff"] == (clock() - timedelta(days=KEEP)).isoformat(timespec="microseconds")
-        assert entry["keep_days"] == KEEP and entry["receipt_prints"] == 1 and entry["tsms_submissions"] == 3
+        assert entry["keep_days"] == KEEP and entry["receipt_prints"] == 1
         assert entry["rows_sha256_of"] == ["id", "till_id", "sale_id", "content_hash", "receipt_no",
                                            "kra_invc_no", "rcptSign"]
         assert len(entry["rows_sha256"]) == 64
@@ -162,8 +162,8 @@ class TestWhatIsPruned:
             assert conn.execute("SELECT count(*) FROM receipt_prints").fetchone()[0] == 0
             states = dict(conn.execute("SELECT state, count(*) FROM tsms_submissions GROUP BY state").fetchall())
             tombstones = {r[0] for r in conn.execute("SELECT sale_id FROM pruned_sales")}
-        # The submissions of OLD-1, OLD-2 and OLD-4 went; those whose sales stay (or still open) remain.
-        assert states == {"accepted": 4, "pending": 1, "rejected": 1}
+        # Accepted submissions are not kept (their journal entries are); the open and the refused stay.
+        assert states == {"pending": 1, "rejected": 1}
         assert tombstones == {"OLD-1", "OLD-2", "OLD-4", "CN-4"}
         assert summary(outbox) == {"pruned_sales": 4, "last_pruned_at": clock().isoformat(timespec="microseconds")}
         assert outbox.stats().sales == 9  # the per-state counts follow the deletes

@@ -98,9 +98,12 @@ def test_the_texts_to_send_are_kept_until_acknowledged_then_dropped(outbox: Outb
     assert pending.transaction == texts()["tsms"]
     tsms.create_submission("u-1", '{"transactions": []}', [pending.id], {}, clock())
     assert tsms.open_submission() is not None and set(texts()) == {"tsms"}
-    tsms.accepted("u-1", 200, clock())
+    tsms.accepted("u-1", clock())
     assert texts() == {} and tsms.open_submission() is None
-    assert conn.execute("SELECT body FROM tsms_submissions").fetchall() == [("",)]
+    # Head office holds it: the submission's row goes, and its journal entry says what it was.
+    assert conn.execute("SELECT count(*) FROM tsms_submissions").fetchone() == (0,)
+    (detail,) = conn.execute("SELECT detail FROM journal WHERE event = 'tsms_synced'").fetchone()
+    assert json.loads(detail) == {"submission_uuid": "u-1", "sales": 1}
     record = outbox.by_id(work.id)
     assert record is not None and (record.kra_invc_no, record.kra_state, record.tsms_state) == (1, "signed", "synced")
     assert outbox.verify() == []

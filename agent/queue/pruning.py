@@ -20,7 +20,8 @@ what went:
     invc_nos        their KRA invoice numbers, as runs (they need not be contiguous)
     cutoff          accepted before this moment (UTC)
     keep_days       the setting that made the cutoff
-    receipt_prints, tsms_submissions   rows of those tables removed with them
+    receipt_prints  rows of that table removed with them (entries written before m009 also give
+                    tsms_submissions: the accepted submissions removed; they are no longer kept)
     rows_sha256     SHA-256 over one line per sale, in id order: the compact JSON array
                     [id, till_id, sale_id, content_hash, receipt_no, kra_invc_no, rcptSign] and "\\n"
     rows_sha256_of  the names of those fields, so the digest explains itself
@@ -62,7 +63,6 @@ class Row:
     kra_invc_no: int | None
     rcpt_sign: str | None
     tsms_state: str
-    tsms_submission: str | None
     original_id: int | None
 
 
@@ -129,8 +129,7 @@ def rows_digest(rows: Iterable[Row]) -> str:
     return digest.hexdigest()
 
 
-def entry_detail(rows: Sequence[Row], cutoff: datetime, keep_days: int, *, receipt_prints: int,
-                 tsms_submissions: int) -> dict[str, Any]:
+def entry_detail(rows: Sequence[Row], cutoff: datetime, keep_days: int, *, receipt_prints: int) -> dict[str, Any]:
     """The detail of the batch's `pruned` journal entry (see the module's docstring)."""
     return {
         "count": len(rows),
@@ -141,7 +140,6 @@ def entry_detail(rows: Sequence[Row], cutoff: datetime, keep_days: int, *, recei
         "cutoff": cutoff.astimezone(UTC).isoformat(timespec="microseconds"),
         "keep_days": keep_days,
         "receipt_prints": receipt_prints,
-        "tsms_submissions": tsms_submissions,
         "rows_sha256": rows_digest(rows),
         "rows_sha256_of": list(DIGEST_FIELDS),
     }

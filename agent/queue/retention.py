@@ -36,21 +36,21 @@ SALE_TABLES = ("receipt_prints", "outgoing")
 KEPT_TABLES = ("journal", "pruned_sales")  # keyed by sale_ref, kept for good: the evidence
 
 _ROW = ("id, till_id, sale_id, kind, content_hash, receipt_no, accepted_at, kra_state, kra_invc_no, "
-        "json_extract(kra_signature, '$.rcptSign'), tsms_state, tsms_submission, original_id")
+        "json_extract(kra_signature, '$.rcptSign'), tsms_state, original_id")
 
 
 def _row(r: tuple[Any, ...]) -> pruning.Row:
     return pruning.Row(id=r[0], till_id=r[1], sale_id=r[2], kind=r[3], content_hash=r[4], receipt_no=r[5],
                        accepted_at=datetime.fromisoformat(r[6]), kra_state=r[7], kra_invc_no=r[8],
-                       rcpt_sign=None if r[9] is None else str(r[9]), tsms_state=r[10], tsms_submission=r[11],
-                       original_id=r[12])
+                       rcpt_sign=None if r[9] is None else str(r[9]), tsms_state=r[10],
+                       original_id=r[11])
 
 
 @dataclass(frozen=True, slots=True)
 class BatchResult:
     pruned: int = 0
     credit_notes: int = 0
-    removed: dict[str, int] = field(default_factory=dict)  # rows of SALE_TABLES and tsms_submissions
+    removed: dict[str, int] = field(default_factory=dict)  # rows of SALE_TABLES
     cursor: tuple[str, int] | None = None  # (accepted_at, id) of the last sale looked at; None: no more
 
 
@@ -76,8 +76,7 @@ def prune_batch(outbox: Outbox, *, cutoff: datetime, keep_days: int, now: dateti
         if not chosen:
             return BatchResult(cursor=cursor)
         removed = _delete(conn, chosen)
-        detail = pruning.entry_detail(chosen, cutoff, keep_days, receipt_prints=removed["receipt_prints"],
-                                      tsms_submissions=removed["tsms_submissions"])
+        detail = pruning.entry_detail(chosen, cutoff, keep_days, receipt_prints=removed["receipt_prints"])
         outbox._journal(conn, timestamp(now), pruning.EVENT, None, detail)
     return BatchResult(pruned=len(chosen), credit_notes=detail["credit_notes"], removed=removed, cursor=cursor)
 
@@ -92,10 +91,6 @@ def _delete(conn: sqlite3.Connection, rows: list[pruning.Row]) -> dict[str, int]
     # One statement: a credit note and its original go together, and the foreign key between them is
     # checked at the end of the statement.
     conn.execute("DELETE FROM sales WHERE id IN (SELECT value FROM json_each(?))", (ids,))
-    uuids = json.dumps(sorted({r.tsms_submission for r in rows if r.tsms_submission is not None}))
-    removed["tsms_submissions"] = conn.execute(
-        "DELETE FROM tsms_submissions WHERE uuid IN (SELECT value FROM json_each(?)) AND state = 'accepted' "
-        "AND NOT EXISTS (SELECT 1 FROM sales WHERE tsms_submission = tsms_submissions.uuid)", (uuids,)).rowcount
     conn.execute("UPDATE counters SET value = value + ? WHERE name = 'pruned_sales'", (len(rows),))
     return removed
 

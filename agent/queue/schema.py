@@ -264,3 +264,18 @@ def m008_no_tsms_id_index(db: Database) -> None:
     # UUID v4s against a collision (head office would answer one with a 409 anyway), at about 50 bytes
     # a sale, 1.5 % of a stored sale.
     db.execute("DROP INDEX sales_tsms_id")
+
+
+@migrations()
+def m009_no_accepted_submissions(db: Database) -> None:
+    # A submission head office accepted is never sent again, and each of its sales names its uuid; its
+    # `tsms_synced` journal entry keeps the count. The row is no longer kept (tsms_store.accepted).
+    db.execute("DELETE FROM tsms_submissions WHERE state = 'accepted'")
+
+
+@migrations()
+def m010_batched_index(db: Database) -> None:
+    # The lane finds a submission's sales only while they are in it (`batched`); once head office holds
+    # them the index entry served nothing, at about 50 bytes a sale kept for good.
+    db.execute("DROP INDEX sales_tsms_submission")
+    db.execute("CREATE INDEX sales_tsms_batched ON sales (tsms_submission) WHERE tsms_state = 'batched'")

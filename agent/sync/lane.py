@@ -278,7 +278,7 @@ class TsmsLane:
         now = self._clock()
         what = _describe(reply)
         if reply.outcome is Outcome.ACCEPTED:
-            count = self._store.accepted(submission.uuid, reply.status, now)
+            count = self._store.accepted(submission.uuid, now)
             self._failures = 0
             self._limit = min(self._settings.batch_size, self._limit * 2)
             self.last_sync_at = now
