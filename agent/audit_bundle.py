@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from agent.errors import ConfigError, StorageError
 from agent.files import fsync_dir, sha256_of
 from agent.queue import pruning
-from agent.queue.journal import GENESIS, JournalEntry, entry_hash
+from agent.queue.journal import GENESIS, JournalEntry, entry_hash, verify_chain
 from agent.queue.outbox import Outbox, SaleRecord, timestamp
 from agent.receipt_signing import key_id_of
 from agent.sales import canonical_json
@@ -540,18 +540,7 @@ def _chain_problems(entries: list[JournalEntry], anchor: tuple[int, str] | None)
         return []
     if anchor is None:
         return [f"{MANIFEST} names no journal anchor, so the chain in {JOURNAL} cannot be checked"]
-    problems = []
-    expected_seq, prev_hash = anchor[0] + 1, anchor[1]
-    for e in entries:
-        if e.seq != expected_seq:
-            problems.append(f"journal entry {e.seq}: expected entry {expected_seq} here; entries are missing or "
-                            "reordered")
-        if e.prev_hash != prev_hash:
-            problems.append(f"journal entry {e.seq}: does not follow the entry before it (prev_hash mismatch)")
-        if entry_hash(e.prev_hash, e.seq, e.at, e.event, e.sale_ref, e.detail) != e.hash:
-            problems.append(f"journal entry {e.seq}: content does not match its hash; the entry was edited")
-        expected_seq, prev_hash = e.seq + 1, e.hash
-    return problems
+    return [f"journal {problem}" for problem in verify_chain(entries, anchor)]
 
 
 def _sale_problems(sales: list[_Sale], entries: list[JournalEntry], period: Period, names: set[str],

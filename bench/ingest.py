@@ -124,7 +124,7 @@ def bare_rows(sales: Sequence[dict[str, Any]], now: datetime) -> Iterator[tuple[
         digest = entry_hash(prev, i, at, "accepted", i, detail)
         yield ((new.till_id, new.sale_id, new.content_hash, new.sale_json, new.amounts_json,
                 str(new.total), i, at),
-               (i, at, "accepted", i, detail, prev, digest))
+               (i, at, "accepted", i, detail, digest))
         prev = digest
 
 
@@ -141,8 +141,8 @@ def bare_inserts(path: Path, sales: Sequence[dict[str, Any]]) -> float:
             conn.execute("BEGIN IMMEDIATE")
             conn.execute("INSERT INTO sales (till_id, sale_id, content_hash, sale, amounts, total, "
                          "receipt_no, accepted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", sale_row)
-            conn.execute("INSERT INTO journal (seq, at, event, sale_ref, detail, prev_hash, hash) "
-                         "VALUES (?, ?, ?, ?, ?, ?, ?)", journal_row)
+            conn.execute("INSERT INTO journal (seq, at, event, sale_ref, detail, hash) VALUES (?, ?, ?, ?, ?, ?)",
+                         journal_row)
             conn.execute("COMMIT")
         return len(rows) / (time.perf_counter() - start)
     finally:

@@ -382,8 +382,8 @@ class Outbox:
             seq, prev = base[0] + 1, base[1]
             digest = entry_hash(prev, seq, at, event, sale_ref, text)
             try:
-                conn.execute("INSERT INTO journal (seq, at, event, sale_ref, detail, prev_hash, hash) "
-                             "VALUES (?, ?, ?, ?, ?, ?, ?)", (seq, at, event, sale_ref, text, prev, digest))
+                conn.execute("INSERT INTO journal (seq, at, event, sale_ref, detail, hash) VALUES (?, ?, ?, ?, ?, ?)",
+                             (seq, at, event, sale_ref, text, digest))
             except sqlite3.IntegrityError:
                 # The cached head is stale: another process (a technician's command) appended
                 # since. We hold the write lock now, so reading the head again settles it.
@@ -444,9 +444,15 @@ class Outbox:
     def accepted_entry(self, sale_ref: int) -> tuple[str, str] | None:
         """(previous hash, hash) of the journal entry that recorded the sale's acceptance."""
         with self._read() as conn:
-            row = conn.execute("SELECT prev_hash, hash FROM journal WHERE sale_ref = ? AND event = 'accepted'",
-                               (sale_ref,)).fetchone()
-        return None if row is None else (row[0], row[1])
+            row = conn.execute(
+                "SELECT CASE WHEN j.seq = 1 THEN ? ELSE (SELECT p.hash FROM journal p WHERE p.seq = j.seq - 1) END, "
+                "j.hash FROM journal j WHERE j.sale_ref = ? AND j.event = 'accepted'", (GENESIS, sale_ref)).fetchone()
+        if row is None:
+            return None
+        if row[0] is None:
+            raise StorageError(f"the journal entry before sale {sale_ref}'s is missing from {self.path}; "
+                               "run `etims-agent verify`")
+        return row[0], row[1]
 
     def credit_notes_of(self, original_id: int) -> list[SaleRecord]:
         """The credit notes issued against a sale, oldest first."""
@@ -585,8 +591,11 @@ def _all_sales(conn: sqlite3.Connection) -> list[SaleRecord]:
 
 
 def _all_entries(conn: sqlite3.Connection) -> list[JournalEntry]:
+    # Each entry's prev_hash is the hash of the row before it (m011); an outbox not yet upgraded keeps a
+    # stored copy, which this ignores: the hash covers it anyway.
     return [JournalEntry(*r) for r in conn.execute(
-        "SELECT seq, at, event, sale_ref, detail, prev_hash, hash FROM journal ORDER BY seq")]
+        "SELECT seq, at, event, sale_ref, detail, lag(hash, 1, ?) OVER (ORDER BY seq), hash FROM journal "
+        "ORDER BY seq", (GENESIS,))]
 
 
 def _record(row: tuple[Any, ...]) -> SaleRecord:

@@ -279,3 +279,11 @@ def m010_batched_index(db: Database) -> None:
     # them the index entry served nothing, at about 50 bytes a sale kept for good.
     db.execute("DROP INDEX sales_tsms_submission")
     db.execute("CREATE INDEX sales_tsms_batched ON sales (tsms_submission) WHERE tsms_state = 'batched'")
+
+
+@migrations()
+def m011_journal_without_prev_hash(db: Database) -> None:
+    # An entry's link to the one before it is that entry's hash, which the row before holds already:
+    # readers take it from there (outbox._all_entries). Each hash still covers the previous one, so `verify`
+    # finds the same edits; the copy cost 65 bytes an entry, four entries a sale.
+    db.execute("ALTER TABLE journal DROP COLUMN prev_hash")
