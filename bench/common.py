@@ -242,6 +242,7 @@ class Connection:
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
+        self.head = b""  # the last answer's status line and headers
 
     @classmethod
     async def open(cls, host: str, port: int) -> Connection:
@@ -249,7 +250,7 @@ class Connection:
 
     async def post(self, request: bytes) -> tuple[int, bytes]:
         self.writer.write(request)
-        head = await self.reader.readuntil(b"\r\n\r\n")
+        self.head = head = await self.reader.readuntil(b"\r\n\r\n")
         status = int(head[9:12])
         match = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
         if match is None:
@@ -317,7 +318,7 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-def run_async(main: Callable[[], Coroutine[Any, Any, Run]]) -> Run:
+def run_async(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(main())
 
