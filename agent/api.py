@@ -67,8 +67,10 @@ def create_app(ctx: ApiContext, *, till_token: Secret | None = None) -> ASGIApp:
         ctx.metrics.bind_lanes(lambda: {"kra": _kra_lane_state(ctx.signer), "tsms": _tsms_lane_state(ctx.syncer)})
 
     def answer(result: Answer) -> Response:
-        # Server-Timing (a standard header): how much of the wait was KRA's, for the till's integrator.
-        headers = None if result.kra_s is None else {"Server-Timing": f"kra;dur={result.kra_s * 1000:.1f}"}
+        # Server-Timing (a standard header): where the wait went (KRA's share above all), for the
+        # till's integrator.
+        headers = None if not result.timings else {
+            "Server-Timing": ", ".join(f"{name};dur={seconds * 1000:.1f}" for name, seconds in result.timings)}
         return JSONResponse(result.body, status_code=result.status, headers=headers)
 
     async def read_json(request: Request) -> Any:

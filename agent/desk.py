@@ -95,7 +95,9 @@ class ApiContext:
 class Answer:
     status: int  # 201 stored, 200 replay, 409 conflict, 422 invalid (as over HTTP)
     body: dict[str, Any]
-    kra_s: float | None = None  # how long KRA took to sign it, when the till waited (Server-Timing)
+    # Seconds, by name, for the Server-Timing header: `store` (checked and in the outbox), `kra` (KRA's
+    # time, when the till waited for its signature), `total` (the whole answer, from the decoded body).
+    timings: tuple[tuple[str, float], ...] = ()
 
 
 def error_body(code: str, message: str, field: str | None = None) -> dict[str, Any]:
@@ -127,7 +129,7 @@ class SaleDesk:
             new = prepare(data, self._current_rules())
         except InvalidSale as exc:
             return Answer(422, error_body(exc.code, exc.message, exc.field))
-        answer = self._refusal(new) or await self._store(new)
+        answer = self._refusal(new) or await self._store(new, started)
         if self._ctx.metrics is not None:
             self._ctx.metrics.intake_latency.observe(time.perf_counter() - started)
         return answer
@@ -144,6 +146,7 @@ class SaleDesk:
         return Answer(503, error_body("offline_budget_exhausted", str(budget.message)))
 
     async def credit_note(self, original: SaleRecord, data: object) -> Answer:
+        started = time.perf_counter()
         ctx = self._ctx
         if original.kind != "sale":
             return Answer(422, error_body("not_a_sale", f"{original.sale_id!r} is a credit note; credit the "
@@ -152,7 +155,7 @@ class SaleDesk:
             new = prepare_credit_note(data, _original(ctx.outbox, original, data), ctx.clock(), self.refund_reasons())
         except InvalidSale as exc:
             return Answer(422, error_body(exc.code, exc.message, exc.field))
-        return await self._store(new)
+        return await self._store(new, started)
 
     def refund_reasons(self) -> Mapping[str, str]:
         """KRA's code class 32 once fetched, else the published list."""
@@ -173,8 +176,9 @@ class SaleDesk:
             view["receipt"]["offline_warning"] = budget.message  # printed on the temporary receipt
         return view
 
-    async def _store(self, new: NewSale) -> Answer:
-        """Commit a sale or credit note, then wait a short budget for KRA's signature."""
+    async def _store(self, new: NewSale, started: float) -> Answer:
+        """Commit a sale or credit note, then wait a short budget for KRA's signature. `started`: when
+        the request reached the desk (time.perf_counter), for the answer's timings."""
         ctx = self._ctx
         # The commit runs on the event loop, shared with the sales that arrived in the same turn of it
         # (agent/queue/group_commit.py). Handing commits to a writer thread measured worse (774 vs
@@ -197,9 +201,9 @@ class SaleDesk:
         except StorageError as exc:
             return Answer(503, error_body("storage", str(exc)))
         record = result.record
+        timings = [("store", time.perf_counter() - started)]
         if result.created and ctx.syncer is not None:
             ctx.syncer.notify()
-        kra_s = None
         if signer is not None and sale_status(record.kra_state) == "pending":
             if result.created:
                 signer.notify()
@@ -208,7 +212,8 @@ class SaleDesk:
             if ctx.sign_budget_s > 0 and signer.worth_waiting(ctx.sign_budget_s) and \
                     await signer.wait_settled(record.id, ctx.sign_budget_s):
                 record = ctx.outbox.by_id(record.id) or record
-                kra_s = signer.kra_seconds(record.id)
+                if (kra_s := signer.kra_seconds(record.id)) is not None:
+                    timings.append(("kra", kra_s))
         try:
             ctx.outbox.make_durable(commit)  # no till hears of a sale before it is on the disk
         except StorageError as exc:  # stored, maybe not durably: the till sends it again, a replay
@@ -217,7 +222,8 @@ class SaleDesk:
         if result.created:
             for listener in ctx.on_answer:  # printers queue the receipt; they never hold up the answer
                 listener(record.id, body["receipt"]["kind"])
-        return Answer(201 if result.created else 200, body, kra_s)
+        timings.append(("total", time.perf_counter() - started))
+        return Answer(201 if result.created else 200, body, tuple(timings))
 
     def _current_rules(self) -> IntakeRules:
         ctx = self._ctx

@@ -47,6 +47,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -78,7 +79,7 @@ TARGET_SHARE = 0.90
 TARGET_LATENCY_MS = 20.0
 TARGET_CONNECTIONS_PER_100 = 1.0
 TARGET_OVERHEAD_P99_MS = 10.0
-SERVER_TIMING = re.compile(rb"(?i)\r\nserver-timing:\s*kra;dur=([0-9.]+)")
+SERVER_TIMING = re.compile(rb"([a-z]+);dur=([0-9.]+)")  # in the answer's head: only Server-Timing has ;dur=
 
 
 class KraSimulator(SimulatorProcess):
@@ -185,37 +186,54 @@ def wait_for(outbox: Path, lane: str, state: str, count: int, timeout: float, ev
         time.sleep(every_s)
 
 
-def online(agent: AgentProcess, prefix: str, count: int) -> tuple[list[float], list[float]]:
-    """Post `count` sales one after another with KRA up: each answer's time, and KRA's time for that
-    sale as the agent reports it (Server-Timing). The client is the intake bench's: the request bytes
-    made beforehand, one keep-alive connection, only the status line and headers parsed while timed
-    (httpx's own work, about 0.5 ms a request here, would count as the agent's)."""
+@dataclass(frozen=True, slots=True)
+class Online:
+    answers: list[float]  # seconds, as the till timed them
+    timings: list[dict[str, float]]  # the agent's Server-Timing per answer, seconds by name
+
+    def part(self, name: str) -> list[float]:
+        return [t.get(name, math.nan) for t in self.timings]
+
+    def beyond_kra(self) -> list[float]:
+        """Per sale, the answer time minus KRA's time for that very sale, as the agent reports it."""
+        return [a - k for a, k in zip(self.answers, self.part("kra"), strict=True)]
+
+    def lane_and_answer(self) -> list[float]:
+        """Inside the agent's handler, beyond storing the sale and KRA's time: numbering it, storing the
+        signature, the waiting sale's wake-up and its answer's body."""
+        return [t["total"] - t["store"] - t["kra"] for t in self.timings]
+
+    def outside_handler(self) -> list[float]:
+        """The HTTP server, the loopback and this client: the answer time less the agent's `total`."""
+        return [a - t["total"] for a, t in zip(self.answers, self.timings, strict=True)]
+
+
+def online(agent: AgentProcess, prefix: str, count: int) -> Online:
+    """Post `count` sales one after another with KRA up: each answer's time and the agent's timings
+    of it (Server-Timing: KRA's time for that sale among them). The client is the intake bench's:
+    the request bytes made beforehand, one keep-alive connection, only the status line and headers
+    parsed while timed (httpx's own work, about 0.5 ms a request here, would count as the agent's)."""
     host = f"{agent.host}:{agent.port}"
     requests = [http_request(host, sale) for sale in make_sales(prefix, count, 4)]
 
-    async def post_each() -> tuple[list[float], list[float]]:
-        answers, kra_times = [], []
+    async def post_each() -> Online:
+        run = Online([], [])
         conn = await Connection.open(agent.host, agent.port)
         try:
             for request in requests:
                 started = time.perf_counter()
                 status, body = await conn.post(request)
-                answers.append(time.perf_counter() - started)
-                timing = SERVER_TIMING.search(conn.head)
-                kra_times.append(float(timing.group(1)) / 1000 if timing else math.nan)
+                run.answers.append(time.perf_counter() - started)
+                run.timings.append({name.decode(): float(value) / 1000
+                                    for name, value in SERVER_TIMING.findall(conn.head)})
                 if status != 201 or json.loads(body)["status"] != "signed":
                     raise RuntimeError(f"online sale answered {status} {body[:200]!r}")
         finally:
             await conn.close()
-        return answers, kra_times
+        return run
 
     gc.freeze()  # this script's own full collections (45 ms here) must not land inside a timed answer
     return run_async(post_each)
-
-
-def beyond_kra(answers: list[float], kra_times: list[float]) -> list[float]:
-    """Per sale, the answer time minus KRA's time for that very sale, as the agent reports it."""
-    return [a - k for a, k in zip(answers, kra_times, strict=True)]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -272,7 +290,7 @@ def bench(args: argparse.Namespace, folder: Path) -> list[Row]:
             say(f"drain phase 2: {args.online} sales signed online while head office catches up on the backlog")
             wait_for(outbox, "tsms", "synced", args.sales + args.online, timeout=args.sales + 120, every_s=0.5)
             cpu_before = agent.cpu_seconds()
-            answers, kra_times = online(agent, "O", args.online)
+            judged = online(agent, "O", args.online)
             cpu_after = agent.cpu_seconds()
             say(f"drain phase 3: {args.online} sales signed online, head office up to date")
         plain = kra.round_trips(cmc_key(folder / "data"), max(100, args.online))
@@ -288,11 +306,15 @@ def bench(args: argparse.Namespace, folder: Path) -> list[Row]:
     probed = sum(during_drain) / len(during_drain)  # a sequential client's limit is 1 / its mean round trip
     probed_share = rate * probed
     per_100 = 100 * (connections2 - connections) / max(1, requests2 - requests)
+    answers = judged.answers
     overhead = [a - latency for a in answers]
     answer_p99 = percentile(answers, 0.99)
-    beyond = beyond_kra(answers, kra_times)
-    during = beyond_kra(*catching_up)
-    timed = not any(math.isnan(k) for k in kra_times + catching_up[1])
+    beyond, during = judged.beyond_kra(), catching_up.beyond_kra()
+    timed = not any(math.isnan(k) for k in beyond + during)
+    parts = [("checking and storing the sale (Server-Timing store)", judged.part("store")),
+             ("numbering, the signature's commit, the wake-up, the body (total - store - kra)",
+              judged.lane_and_answer()),
+             ("the HTTP server, loopback and this client (answer - total)", judged.outside_handler())] if timed else []
     at_target = args.latency_ms == TARGET_LATENCY_MS
     cpu = None if cpu_before is None or cpu_after is None else (cpu_after - cpu_before) / args.online
     same_work = fixed_work_times(percentile(beyond, 0.5)) if timed else []
@@ -326,6 +348,8 @@ def bench(args: argparse.Namespace, folder: Path) -> list[Row]:
             ms(percentile(beyond, 0.99)) if timed else "no Server-Timing", f"< {TARGET_OVERHEAD_P99_MS:g} ms",
             verdict(timed and percentile(beyond, 0.99) * 1000 < TARGET_OVERHEAD_P99_MS)),
         Row("  p99.9 / the slowest", f"{ms(percentile(beyond, 0.999))} / {ms(max(beyond))}" if timed else "-"),
+        *(Row(f"  of which {what}, p50 / p99", f"{ms(percentile(part, 0.5))} / {ms(percentile(part, 0.99))}")
+          for what, part in parts),
         Row("  the agent's CPU time per sale meanwhile (user + system, its head-office lane's share included)",
             ms(cpu) if cpu is not None else "-"),
         Row(f"  pure-Python work of that p50, timed {len(same_work)} times alone on this machine, p50 / p99",
