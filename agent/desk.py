@@ -86,7 +86,8 @@ class ApiContext:
     budget: BudgetSettings | None = None  # the offline budget (None: no KRA lane, no budget)
     metrics: Metrics | None = None
     clock_guard: ClockGuard | None = None
-    on_answer: tuple[Callable[[int, str], None], ...] = ()  # (sale id, receipt kind) once a till has its answer
+    # (sale id, receipt kind, replay) once a till has its answer; replay: the sale was stored before
+    on_answer: tuple[Callable[[int, str, bool], None], ...] = ()
     on_shutdown: tuple[Callable[[], Awaitable[None]], ...] = ()
     retention: Retention | None = None  # the pruning job, for status (None: not running)
 
@@ -219,9 +220,8 @@ class SaleDesk:
         except StorageError as exc:  # stored, maybe not durably: the till sends it again, a replay
             return Answer(503, error_body("storage", str(exc)))
         body = self.view(record, result.entry)
-        if result.created:
-            for listener in ctx.on_answer:  # printers queue the receipt; they never hold up the answer
-                listener(record.id, body["receipt"]["kind"])
+        for listener in ctx.on_answer:  # printers queue the receipt; they never hold up the answer
+            listener(record.id, body["receipt"]["kind"], not result.created)
         timings.append(("total", time.perf_counter() - started))
         return Answer(201 if result.created else 200, body, tuple(timings))
 

@@ -1,16 +1,20 @@
 """Receipt printers: ESC/POS bytes on a pty or a device file, the signed copy after a temporary
-receipt, COPY on reprints, and a dead printer that never slows a sale down."""
+receipt, COPY on reprints, a dead printer that never slows a sale down, receipts that wait for a
+printer across a restart (and a kill -9), and a replayed sale printed once."""
 
 from __future__ import annotations
 
 import os
 import select
+import sqlite3
 import time
 import tty
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from agent_process import Agents
 from conftest import RULES, make_sale
 from kra_agent import BHF, TIN, init_key, kra_lane
 from starlette.testclient import TestClient
@@ -20,9 +24,11 @@ from agent.clock import system_clock
 from agent.config import PrinterSettings
 from agent.desk import ApiContext
 from agent.devices.printer import Printer, Printers
+from agent.intake import accept
 from agent.kra.lane import KraLane
 from agent.kra.simulator import Simulator, SimulatorConfig
 from agent.queue.outbox import Outbox
+from agent.queue.print_jobs import PrintJobs
 from agent.receipts import Seller
 
 pytestmark = pytest.mark.timeout(60)
@@ -142,3 +148,80 @@ def test_network_printer_on_port_9100_style_socket(outbox: Outbox) -> None:
     thread.join(5)
     server.close()
     assert bytes(received).startswith(b"\x1b@") and b"TEMPORARY RECEIPT" in received
+
+
+def test_receipts_waiting_for_a_printer_print_after_a_restart(tmp_path: Path, db_path: Path) -> None:
+    """The printer is off when the agent stops: its queued receipts print once it is back after the
+    restart, each once and none marked COPY."""
+    device = tmp_path / "missing" / "lp0"
+    settings = PrinterSettings(url=f"file:{device}", retry_interval_s=0.1)
+    box = Outbox.open(db_path)
+    try:
+        client, printer = agent(box, settings)
+        with client:
+            for i in range(3):
+                assert client.post("/v1/sales", json=make_sale(sale_id=f"S-{i}")).status_code == 201
+            wait_for(lambda: PrintJobs(box, settings.url).count() == 3)
+            assert printer.status()["state"] == "failing"
+    finally:
+        box.close()
+    device.parent.mkdir()
+    box = Outbox.open(db_path)
+    try:
+        client, printer = agent(box, settings)
+        with client:
+            wait_for(lambda: device.exists() and len(receipts(device.read_bytes())) == 3)
+            wait_for(lambda: printer.status()["queued"] == 0)
+    finally:
+        box.close()
+    printed = receipts(device.read_bytes())
+    assert [f"S-{i}".encode() in r for i, r in enumerate(printed)] == [True] * 3
+    assert not any(b"COPY" in r for r in printed)
+
+
+def test_a_replayed_sale_is_printed_once_even_when_its_first_answer_was_lost(tmp_path: Path,
+                                                                            outbox: Outbox) -> None:
+    """A sale stored whose answer never reached the till (the agent stopped first) prints when the
+    till sends it again; sent once more after that, it does not print again."""
+    device = tmp_path / "lp0"
+    accept(outbox, make_sale(sale_id="LOST"), RULES, system_clock())  # stored, never answered
+    client, _ = agent(outbox, PrinterSettings(url=f"file:{device}", retry_interval_s=0.1))
+    with client:
+        assert client.post("/v1/sales", json=make_sale(sale_id="LOST")).status_code == 200
+        wait_for(lambda: device.exists() and len(receipts(device.read_bytes())) == 1)
+        assert client.post("/v1/sales", json=make_sale(sale_id="LOST")).status_code == 200
+        assert client.post("/v1/sales", json=make_sale(sale_id="NEXT")).status_code == 201
+        # The queue is first in, first out: a second print of LOST would come before NEXT's.
+        wait_for(lambda: len(receipts(device.read_bytes())) == 2)
+    first, second = receipts(device.read_bytes())
+    assert b"LOST" in first and b"NEXT" in second and b"COPY" not in first + second
+
+
+@pytest.mark.slow
+def test_queued_receipts_survive_kill_9(tmp_path: Path) -> None:
+    """A real agent, its printer off, is killed with SIGKILL while receipts wait; the next agent
+    prints them once the printer is back."""
+    device = tmp_path / "missing" / "lp0"
+    with Agents(tmp_path) as agents:
+        with agents.config.open("a", encoding="utf-8") as config:
+            config.write(f'[[printers]]\nurl = "file:{device}"\nretry_interval_s = 0.1\n')
+        first = agents.start()
+        for i in range(3):
+            response = httpx.post(f"{first.url}/v1/sales", json=make_sale(sale_id=f"K-{i}"), timeout=30)
+            assert response.status_code == 201, response.text
+        wait_for(lambda: queued_jobs(agents.outbox) == 3)
+        first.kill()
+        device.parent.mkdir()
+        agents.start()
+        wait_for(lambda: device.exists() and len(receipts(device.read_bytes())) == 3, timeout=30)
+        wait_for(lambda: queued_jobs(agents.outbox) == 0)
+    printed = receipts(device.read_bytes())
+    assert [f"K-{i}".encode() in r for i, r in enumerate(printed)] == [True] * 3
+
+
+def queued_jobs(outbox: Path) -> int:
+    conn = sqlite3.connect(f"file:{outbox}?mode=ro", uri=True)
+    try:
+        return int(conn.execute("SELECT count(*) FROM print_jobs").fetchone()[0])
+    finally:
+        conn.close()

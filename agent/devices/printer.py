@@ -2,10 +2,12 @@
 paper or unplugged never holds up a sale.
 
 What prints by itself is configured per printer: the receipt a till was answered with (temporary
-or signed), and the signed copy once KRA signs a sale whose temporary receipt was printed (found
-from the print counts in the database, so it survives a restart). Every print after the first of
-a receipt says COPY. A job that fails stays at the head of the queue and is retried every
-`retry_interval_s`; status shows the printer's state, the queue and the last error.
+or signed), and the signed copy once KRA signs a sale whose temporary receipt was printed. A
+replayed sale (the till sent it again, its first answer lost) is printed if nothing of it was. Every
+print after the first of a receipt says COPY. The queue is kept in the outbox
+(agent/queue/print_jobs.py), so receipts waiting for a printer that is off still print after a
+restart. A job that fails stays at the head of the queue and is retried every `retry_interval_s`;
+status shows the printer's state, the queue and the last error.
 
 Printers are reached through pyserial URLs (`socket://host:9100` for network printers, a serial
 device or COM port) or `file:/path` for a device file such as /dev/usb/lp0. pyserial and OS errors
@@ -25,8 +27,10 @@ import serial  # type: ignore[import-untyped]
 
 from agent.config import PrinterSettings
 from agent.desk import SaleDesk
+from agent.errors import StorageError
 from agent.logs import get_logger
 from agent.queue.outbox import Outbox
+from agent.queue.print_jobs import PrintJobs, forget_other_printers
 from agent.receipt_format import render_escpos
 
 log = get_logger("agent.devices.printer")
@@ -57,7 +61,11 @@ class Printer:
     def __init__(self, settings: PrinterSettings, outbox: Outbox, clock: Callable[[], datetime]) -> None:
         self.settings, self._outbox, self._clock = settings, outbox, clock
         self._view: Callable[[int], dict[str, Any] | None] = lambda sale_ref: None
-        self._jobs: collections.deque[tuple[int, str]] = collections.deque()  # (sale id, receipt kind)
+        self._jobs = PrintJobs(outbox, settings.url)
+        # Answers not yet in the outbox's queue: (sale id, receipt kind, replay). The event loop only
+        # appends here (thread-safe, never blocks); the printer's thread stores them.
+        self._arrived: collections.deque[tuple[int, str, bool]] = collections.deque()
+        self._storing = threading.Lock()  # moving arrivals into the outbox, against status counting them
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"printer {settings.url}", daemon=True)
@@ -65,16 +73,11 @@ class Printer:
         self.last_error: str | None = None
         self.printed = 0
 
-    def sale_answered(self, sale_ref: int, kind: str) -> None:
+    def sale_answered(self, sale_ref: int, kind: str, replay: bool = False) -> None:
         """A till got its answer: queue the receipt it holds, if this printer prints that kind."""
         if (kind == "temporary" and self.settings.temporary) or (kind == "signed" and self.settings.signed):
-            self.enqueue(sale_ref, kind)
-
-    def enqueue(self, sale_ref: int, kind: str) -> None:
-        self._jobs.append((sale_ref, kind))  # deque.append is thread-safe; never blocks the caller
-        if len(self._jobs) == QUEUE_WARN:
-            log.warning("printer_queue_long", printer=self.settings.url, jobs=len(self._jobs))
-        self._wake.set()
+            self._arrived.append((sale_ref, kind, replay))
+            self._wake.set()
 
     def start(self, view: Callable[[int], dict[str, Any] | None]) -> None:
         """`view`: a sale's answer body by its id (the desk's), from which the receipt is printed."""
@@ -87,27 +90,46 @@ class Printer:
         self._thread.join(timeout)
 
     def status(self) -> dict[str, Any]:
-        return {"printer": self.settings.url, "state": self.state, "queued": len(self._jobs),
+        with self._storing:
+            queued = len(self._arrived) + self._jobs.count()
+        return {"printer": self.settings.url, "state": self.state, "queued": queued,
                 "printed": self.printed, "last_error": self.last_error}
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            if self.settings.signed_after_temporary:
-                for sale_ref in self._outbox.signed_since_temporary():
-                    if (sale_ref, "signed") not in self._jobs:
-                        self._jobs.append((sale_ref, "signed"))
-            if not self._jobs:
-                self._wake.wait(self.settings.retry_interval_s)
-                self._wake.clear()
-                continue
-            if self._print(*self._jobs[0]):
-                self._jobs.popleft()
-            else:
-                self._stop.wait(self.settings.retry_interval_s)
+            try:
+                job = self._next_job()
+                if job is None:  # until a till is answered, or the next look for signed copies
+                    self._wake.wait(self.settings.retry_interval_s)
+                    self._wake.clear()
+                    continue
+                if self._print(*job):
+                    continue
+            except StorageError as exc:  # the outbox logs it; the receipts wait where they are
+                self._set("failing", str(exc))
+            self._stop.wait(self.settings.retry_interval_s)
 
-    def _print(self, sale_ref: int, kind: str) -> bool:
+    def _next_job(self) -> tuple[int, str] | None:
+        with self._storing:
+            arrived = list(self._arrived)
+            # A replay is printed only if nothing of the sale was printed or queued before.
+            self._jobs.add([(sale_ref, kind) for sale_ref, kind, replay in arrived
+                            if not (replay and self._jobs.known(sale_ref))], self._clock())
+            for _ in arrived:
+                self._arrived.popleft()
+        if arrived and (queued := self._jobs.count()) >= QUEUE_WARN > queued - len(arrived):
+            log.warning("printer_queue_long", printer=self.settings.url, jobs=queued)
+        if self.settings.signed_after_temporary:
+            self._jobs.add([(sale_ref, "signed") for sale_ref in self._jobs.signed_since_temporary()], self._clock())
+        first = self._jobs.waiting(1)
+        return first[0] if first else None
+
+    def _print(self, sale_ref: int, job_kind: str) -> bool:
         view = self._view(sale_ref)
-        if view is None:
+        if view is None:  # retention pruned the sale while its receipt waited
+            log.warning("printer_job_dropped", printer=self.settings.url, sale=sale_ref,
+                        reason="the sale is no longer stored")
+            self._jobs.dropped(sale_ref, job_kind)
             return True
         kind = view["receipt"]["kind"]  # signed meanwhile: the signed receipt is what the customer needs
         copy = self._outbox.prints_of(sale_ref, kind) > 0
@@ -117,7 +139,7 @@ class Printer:
         except OSError as exc:
             self._set("failing", f"{exc}")
             return False
-        self._outbox.count_print(sale_ref, kind, self._clock())  # counted once it is on paper
+        self._jobs.printed(sale_ref, job_kind, kind, self._clock())  # counted once it is on paper
         self.printed += 1
         self._set("idle", None)
         return True
@@ -145,6 +167,14 @@ class Printers:
             record = desk.outbox.by_id(sale_ref)
             return None if record is None else desk.view(record)
 
+        try:
+            forgotten = forget_other_printers(desk.outbox, [p.settings.url for p in self.printers])
+        except StorageError:  # the outbox logs it; those jobs are dropped at a later start
+            forgotten = 0
+        if forgotten:
+            log.warning("printer_jobs_forgotten", receipts=forgotten,
+                        reason="queued for a printer that is no longer configured",
+                        hint="print them with `etims-agent receipt print SALE_ID`")
         for printer in self.printers:
             printer.start(view)
 
@@ -155,6 +185,6 @@ class Printers:
     def status(self) -> list[dict[str, Any]]:
         return [p.status() for p in self.printers]
 
-    def sale_answered(self, sale_ref: int, kind: str) -> None:
+    def sale_answered(self, sale_ref: int, kind: str, replay: bool = False) -> None:
         for printer in self.printers:
-            printer.sale_answered(sale_ref, kind)
+            printer.sale_answered(sale_ref, kind, replay)

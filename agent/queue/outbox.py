@@ -396,12 +396,7 @@ class Outbox:
     def count_print(self, sale_ref: int, kind: str, now: datetime) -> int:
         """Record one more rendering of a sale's receipt of this kind; returns how many came before."""
         with self._write() as conn:
-            prints: int = conn.execute(
-                "INSERT INTO receipt_prints (sale_ref, kind, prints, first_at) VALUES (?, ?, 1, ?) "
-                "ON CONFLICT (sale_ref, kind) DO UPDATE SET prints = prints + 1 RETURNING prints",
-                (sale_ref, kind, timestamp(now)),
-            ).fetchone()[0]
-        return prints - 1
+            return count_print_in(conn, sale_ref, kind, now)
 
     # --- reads ------------------------------------------------------------------------------
 
@@ -419,16 +414,6 @@ class Outbox:
             row = conn.execute("SELECT prints FROM receipt_prints WHERE sale_ref = ? AND kind = ?",
                                (sale_ref, kind)).fetchone()
         return 0 if row is None else int(row[0])
-
-    def signed_since_temporary(self, limit: int = 20) -> list[int]:
-        """Sales whose temporary receipt was printed and which KRA has signed since, with no signed print yet."""
-        with self._read() as conn:
-            rows = conn.execute(
-                "SELECT p.sale_ref FROM receipt_prints p JOIN sales s ON s.id = p.sale_ref "
-                "WHERE p.kind = 'temporary' AND s.kra_state = 'signed' AND NOT EXISTS "
-                "(SELECT 1 FROM receipt_prints q WHERE q.sale_ref = p.sale_ref AND q.kind = 'signed') "
-                "ORDER BY p.sale_ref LIMIT ?", (limit,)).fetchall()
-        return [r[0] for r in rows]
 
     def get(self, till_id: str, sale_id: str) -> SaleRecord | None:
         with self._read() as conn:
@@ -584,6 +569,16 @@ def invoice_number_gaps(sales: list[SaleRecord], entries: list[JournalEntry],
                 "missing with KRA (selectInvoiceDetails)"]
     return [f"KRA invoice numbers with no sale here: {shown} ({len(missing)}); compare with KRA "
             "(selectInvoiceDetails) before anything else"]
+
+
+def count_print_in(conn: sqlite3.Connection, sale_ref: int, kind: str, now: datetime) -> int:
+    """Outbox.count_print inside the caller's write transaction."""
+    prints: int = conn.execute(
+        "INSERT INTO receipt_prints (sale_ref, kind, prints, first_at) VALUES (?, ?, 1, ?) "
+        "ON CONFLICT (sale_ref, kind) DO UPDATE SET prints = prints + 1 RETURNING prints",
+        (sale_ref, kind, timestamp(now)),
+    ).fetchone()[0]
+    return prints - 1
 
 
 def _all_sales(conn: sqlite3.Connection) -> list[SaleRecord]:

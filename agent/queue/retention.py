@@ -32,7 +32,7 @@ EVERY_S = 3600.0  # the job runs hourly (and once at start)
 KEEP_ALL = 0  # retention.keep_days = 0: nothing is ever pruned
 # Tables whose rows (keyed by sale_ref) belong to one sale and go with it. A new per-sale table must be
 # listed here or in KEPT_TABLES; tests/test_retention.py fails until it is.
-SALE_TABLES = ("receipt_prints", "outgoing")
+SALE_TABLES = ("receipt_prints", "outgoing", "print_jobs")  # print_jobs: a receipt still unprinted after keep_days
 KEPT_TABLES = ("journal", "pruned_sales")  # keyed by sale_ref, kept for good: the evidence
 
 _ROW = ("id, till_id, sale_id, kind, content_hash, receipt_no, accepted_at, kra_state, kra_invc_no, "

@@ -287,3 +287,18 @@ def m011_journal_without_prev_hash(db: Database) -> None:
     # readers take it from there (outbox._all_entries). Each hash still covers the previous one, so `verify`
     # finds the same edits; the copy cost 65 bytes an entry, four entries a sale.
     db.execute("ALTER TABLE journal DROP COLUMN prev_hash")
+
+
+@migrations()
+def m012_print_jobs(db: Database) -> None:
+    # Receipts waiting for a printer (agent/queue/print_jobs.py): a printer that is off when the agent
+    # stops still prints them after the restart. In rowid order, the order they were queued.
+    db.execute("""
+        CREATE TABLE print_jobs (
+            printer TEXT NOT NULL,
+            sale_ref INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            queued_at TEXT NOT NULL,
+            UNIQUE (printer, sale_ref, kind)
+        ) STRICT
+    """)
