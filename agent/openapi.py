@@ -289,7 +289,11 @@ def openapi_document(version: str, max_lines: int, refund_reasons: Iterable[str]
                                     "properties": {
                                         "kind": {"enum": ["signed", "temporary"]},
                                         "number": {"type": "integer"}, "label": {"type": "string"},
-                                        "notice": {"type": "string"}, "lines": {"type": "array"},
+                                        "notice": {"type": "string", "description": (
+                                            "Print it as given. A temporary receipt's says it is not a KRA tax "
+                                            "invoice yet; a signed receipt has one only when KRA's simulator or "
+                                            "sandbox signed it: then it is no tax invoice at all.")},
+                                        "lines": {"type": "array"},
                                         "totals": {"type": "object", "required": ["taxable", "tax", "total"]},
                                         "kra": {"type": "object",
                                                 "description": "KRA's signature block (signed receipts)."}}},

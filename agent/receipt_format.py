@@ -141,6 +141,8 @@ def _header(view: Mapping[str, Any], width: int, copy: bool) -> list[Line]:
     if receipt.get("kind") != "signed":
         lines += [Line(text) for text in _wrap(_text(receipt.get("notice")), width)]
         lines += [Line(text, "strong") for text in _wrap(_text(receipt.get("offline_warning")), width)]
+    else:  # signed by KRA's simulator or sandbox: said as loudly as the title
+        lines += [Line(text, "strong") for text in _wrap(_text(receipt.get("notice")), width)]
     return lines
 
 

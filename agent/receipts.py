@@ -41,6 +41,14 @@ TEMPORARY_NOTICE = (
     "The KRA-signed receipt follows once KRA has signed this sale."
 )
 
+# A receipt signed by anything but KRA's production system is no tax invoice: the installed starter
+# config signs with the built-in simulator, and such a receipt must never pass for a real one.
+REHEARSAL_NOTICES = {
+    "simulator": "NOT A TAX INVOICE: signed by the KRA simulator built into the agent, for rehearsal. "
+                 "Nothing was reported to KRA.",
+    "sandbox": "NOT A TAX INVOICE: signed by KRA's sandbox, for testing. It is not a sale reported to KRA.",
+}
+
 _STATUS = {"signed": "signed", "parked": "rejected", "void": "rejected"}
 
 
@@ -128,7 +136,9 @@ def _receipt(record: SaleRecord, seller: Seller | None, original: SaleRecord | N
     if seller is not None:
         body["seller"] = {"name": seller.name, "pin": seller.tin, "branch": seller.bhf_id}
     if record.kra_signature is not None:
-        return {"kind": "signed", "kra": kra_block(record, seller, original), **body}
+        notice = REHEARSAL_NOTICES.get(seller.environment) if seller is not None else None
+        return {"kind": "signed", **({"notice": notice} if notice else {}), "kra": kra_block(record, seller, original),
+                **body}
     return {
         "kind": "temporary",
         "number": record.receipt_no,

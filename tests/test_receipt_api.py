@@ -3,14 +3,20 @@ every later one marked COPY. Signed receipts come from the KRA simulator over re
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
-from conftest import make_sale
+from conftest import RULES, make_sale
 from kra_agent import agent_client, init_key
 from starlette.testclient import TestClient
 
+from agent.clock import system_clock
+from agent.intake import accept
 from agent.kra.simulator import Simulator, SimulatorConfig
+from agent.queue.outbox import Outbox
+from agent.receipt_format import render_text
+from agent.receipts import REHEARSAL_NOTICES, Seller, sale_view
 
 
 class TestTemporary:
@@ -68,6 +74,10 @@ def test_signed_receipts_in_every_format(db_path: Path) -> None:
         outbox.close()
     kra = sale["receipt"]["kra"]
     assert "TAX INVOICE" in text and "COPY" not in text
+    # Signed by KRA's sandbox: said under the title, in every format.
+    assert sale["receipt"]["notice"] == REHEARSAL_NOTICES["sandbox"]
+    assert "NOT A TAX INVOICE" in text and "NOT A TAX INVOICE" in note
+    assert b"NOT A TAX INVOICE" in escpos and "NOT A TAX INVOICE" in page.text
     for expected in ("P052112956W", f"SCU ID: {sdc_id}", f"{sdc_id}/1", "NS", kra["signature"], "Items: 2",
                      "MOBILE MONEY"):
         assert expected in text, expected
@@ -80,3 +90,22 @@ def test_signed_receipts_in_every_format(db_path: Path) -> None:
     assert page.headers["content-type"] == "text/html; charset=utf-8"
     assert kra["qr_url"].replace("&", "&amp;") in page.text
     assert page.text.count("<svg") == 1  # the QR code, drawn by segno
+
+
+@pytest.mark.parametrize("environment", ["simulator", "sandbox", "production"])
+def test_only_kra_production_signs_a_tax_invoice(outbox: Outbox, environment: str) -> None:
+    """A receipt signed by the built-in simulator (the installed starter config) or KRA's sandbox says
+    in bold under its title that it is no tax invoice; one signed by KRA's production system does not."""
+    stored = accept(outbox, make_sale(sale_id="R-1"), RULES, system_clock()).record
+    signed = dataclasses.replace(stored, kra_state="signed", kra_invc_no=1,
+                                 kra_signature={"rcptSign": "LVJ52Q83D1ADLZMO", "curRcptNo": 1, "totRcptNo": 1})
+    view = sale_view(signed, Seller(tin="P052112956W", bhf_id="00", sdc_id="KRACU0287624417",
+                                    environment=environment))
+    text = render_text(view, 42, False)
+    if environment == "production":
+        assert "notice" not in view["receipt"] and "NOT A TAX INVOICE" not in text
+    else:
+        assert view["receipt"]["notice"] == REHEARSAL_NOTICES[environment]
+        lines = text.splitlines()
+        title = next(i for i, line in enumerate(lines) if line.strip() == "TAX INVOICE")
+        assert lines[title + 1].strip().startswith("NOT A TAX INVOICE")
