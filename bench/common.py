@@ -41,19 +41,9 @@ NO_KRA = '[kra]\nbase_url = "http://127.0.0.1:9/etims-api"\n'
 NO_TSMS = '[tsms]\nenvironment = "off"\n'
 INTAKE_ONLY = NO_KRA + NO_TSMS
 
-SALE: dict[str, Any] = {  # the shape of tests/conftest.py's BASE_SALE, as a till posts it
-    "sale_id": "R-0001",
-    "till_id": "TILL-1",
-    "issued_at": "2026-11-21T14:05:00+03:00",
-    "payment": "mobile_money",
-    "lines": [
-        {"item_code": "KE2NTU0000001", "item_class": "5059690800", "name": "Bread 400g",
-         "qty": "2", "unit_price": "58.00", "tax_band": "B", "qty_unit": "U", "pkg_unit": "NT"},
-        {"item_code": "KE2NTKG0000002", "item_class": "5010150000", "name": "Sukuma wiki",
-         "qty": "1.5", "unit_price": "40.00", "discount": "5.00", "tax_band": "A",
-         "qty_unit": "KG", "pkg_unit": "NT"},
-    ],
-}
+# The README's example sale without its customer, as tests/conftest.py's BASE_SALE.
+SALE: dict[str, Any] = {k: v for k, v in json.loads((ROOT / "installer" / "examples" / "sale.json").read_text(
+    encoding="utf-8")).items() if k != "customer"}
 
 
 def say(text: str) -> None:

@@ -80,21 +80,11 @@ while [[ -z $URL ]]; do
 done
 LISTEN_MS=$(since_ms "$T0")
 
-# 3. The README's quick-start sale, dated now (in Nairobi's +03:00) so no clock rule refuses it.
+# 3. The README's quick-start sale (installer/examples/sale.json), dated now (in Nairobi's +03:00)
+# so no clock rule refuses it.
 ISSUED_AT=$(date -u -d '+3 hours' '+%Y-%m-%dT%H:%M:%S+03:00')
-SALE=$(cat <<EOF
-{"sale_id": "R-0001", "till_id": "TILL-1", "issued_at": "$ISSUED_AT",
- "payment": "mobile_money",
- "customer": {"pin": "P051234567Q", "name": "Wanjiku Stores"},
- "lines": [
-   {"item_code": "KE2NTU0000001", "item_class": "5059690800", "name": "Bread 400g",
-    "qty": "2", "unit_price": "58.00", "tax_band": "B", "qty_unit": "U", "pkg_unit": "NT"},
-   {"item_code": "KE2NTKG0000002", "item_class": "5010150000", "name": "Sukuma wiki",
-    "qty": "1.5", "unit_price": "40.00", "discount": "5.00", "tax_band": "A",
-    "qty_unit": "KG", "pkg_unit": "NT"}
- ]}
-EOF
-)
+SALE=$(jq -c --arg at "$ISSUED_AT" '.issued_at = $at' installer/examples/sale.json) \
+    || fail "installer/examples/sale.json is not a JSON sale"
 T_POST=$(now)
 CODE=$(curl -sS --max-time 30 -o "$TMP/sale.json" -w '%{http_code}' -X POST "$URL/v1/sales" \
     -H 'Content-Type: application/json' --data-binary "$SALE") || { show_log; fail "POST /v1/sales failed"; }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,19 +21,11 @@ from agent.receipt_signing import ReceiptSigner
 from agent.sales import DEFAULT_TAX_RATES
 from agent.secret import Secret
 
-BASE_SALE: dict[str, Any] = {
-    "sale_id": "R-0001",
-    "till_id": "TILL-1",
-    "issued_at": "2026-11-21T14:05:00+03:00",
-    "payment": "mobile_money",
-    "lines": [
-        {"item_code": "KE2NTU0000001", "item_class": "5059690800", "name": "Bread 400g",
-         "qty": "2", "unit_price": "58.00", "tax_band": "B", "qty_unit": "U", "pkg_unit": "NT"},
-        {"item_code": "KE2NTKG0000002", "item_class": "5010150000", "name": "Sukuma wiki",
-         "qty": "1.5", "unit_price": "40.00", "discount": "5.00", "tax_band": "A",
-         "qty_unit": "KG", "pkg_unit": "NT"},
-    ],
-}
+# The README's example sale (installer/examples/sale.json, also the smoke test's and the benchmarks'),
+# without its customer.
+EXAMPLE_SALE: dict[str, Any] = json.loads((Path(__file__).resolve().parents[1] / "installer" / "examples"
+                                          / "sale.json").read_text(encoding="utf-8"))
+BASE_SALE: dict[str, Any] = {k: v for k, v in EXAMPLE_SALE.items() if k != "customer"}
 
 
 def make_sale(**changes: Any) -> dict[str, Any]:
