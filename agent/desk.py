@@ -41,6 +41,7 @@ class Signer(Protocol):
     def worth_waiting(self, budget_s: float) -> bool: ...
     async def wait_settled(self, sale_ref: int, timeout: float) -> bool: ...
     def kra_seconds(self, sale_ref: int) -> float | None: ...
+    def signature_of(self, sale_ref: int) -> tuple[int, dict[str, Any]] | None: ...
     async def run(self) -> None: ...
 
 
@@ -212,7 +213,12 @@ class SaleDesk:
             # (KRA down, or a backlog ahead): then the temporary receipt goes out at once.
             if ctx.sign_budget_s > 0 and signer.worth_waiting(ctx.sign_budget_s) and \
                     await signer.wait_settled(record.id, ctx.sign_budget_s):
-                record = ctx.outbox.by_id(record.id) or record
+                signed = signer.signature_of(record.id)
+                if signed is None:  # parked: KRA refused it
+                    record = ctx.outbox.by_id(record.id) or record
+                else:  # signed, and stored by the lane a moment after this answer
+                    record = dataclasses.replace(record, kra_state="signed", kra_invc_no=signed[0],
+                                                 kra_signature=signed[1], kra_signed_at=ctx.clock(), kra_error=None)
                 if (kra_s := signer.kra_seconds(record.id)) is not None:
                     timings.append(("kra", kra_s))
         try:

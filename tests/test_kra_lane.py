@@ -144,6 +144,26 @@ class TestOutage:
         assert_no_double_signing(sim)
 
 
+    def test_the_signed_answer_is_what_the_lane_then_stores(self, sim: Simulator, db_path: Path) -> None:
+        """A waiting till is answered from KRA's signature in memory, before the lane's commit of it: a
+        GET right after says the same, and the row and the journal hold that signature."""
+        key, sdc_id = init_key(sim)
+        client, outbox = agent_client(db_path, sim, key, sdc_id)
+        with client:
+            answers = [client.post("/v1/sales", json=make_sale(sale_id=f"R-{i}")).json() for i in range(3)]
+            again = [client.get(f"/v1/sales/R-{i}").json() for i in range(3)]
+        try:
+            assert [a["status"] for a in answers] == ["signed"] * 3 and again == answers
+            stored = [outbox.get("TILL-1", f"R-{i}") for i in range(3)]
+            assert [(r.kra_state, r.kra_invc_no) for r in stored if r] == [("signed", 1), ("signed", 2), ("signed", 3)]
+            invoices = kra_invoices(sim)
+            assert [r.kra_signature["rcptSign"] for r in stored if r and r.kra_signature] == \
+                [invoices[n]["rcptSign"] for n in (1, 2, 3)]
+            assert [e.event for e in outbox.journal() if e.sale_ref == stored[0].id] == ["accepted", "sent", "signed"]
+            assert outbox.verify() == []
+        finally:
+            outbox.close()
+
     def test_a_signed_answer_says_how_long_kra_took(self, sim: Simulator, db_path: Path) -> None:
         """Server-Timing on a signed answer: `kra` at least KRA's latency, within `total`, itself within
         the whole answer, and `store` before it; a temporary receipt (KRA down) carries no `kra`."""

@@ -27,6 +27,7 @@ from agent.devices.printer import Printer, Printers
 from agent.intake import accept
 from agent.kra.lane import KraLane
 from agent.kra.simulator import Simulator, SimulatorConfig
+from agent.queue.kra_store import KraStore
 from agent.queue.outbox import Outbox
 from agent.queue.print_jobs import PrintJobs
 from agent.receipts import Seller
@@ -195,6 +196,22 @@ def test_a_replayed_sale_is_printed_once_even_when_its_first_answer_was_lost(tmp
         wait_for(lambda: len(receipts(device.read_bytes())) == 2)
     first, second = receipts(device.read_bytes())
     assert b"LOST" in first and b"NEXT" in second and b"COPY" not in first + second
+
+
+def test_a_sale_answered_signed_never_prints_as_temporary(tmp_path: Path, outbox: Outbox) -> None:
+    """The KRA lane stores a signature a moment after the till's signed answer. A printer that reads
+    the sale in between waits for it rather than print a temporary receipt."""
+    device = tmp_path / "lp0"
+    stored = accept(outbox, make_sale(sale_id="S-1"), RULES, system_clock()).record
+    client, printer = agent(outbox, PrinterSettings(url=f"file:{device}", retry_interval_s=0.1))
+    with client:
+        printer.sale_answered(stored.id, "signed")  # the answer went out; the signature is not stored yet
+        time.sleep(0.1)
+        KraStore(outbox).signed(stored.id, {"rcptSign": "LVJ52Q83D1ADLZMO", "curRcptNo": 1, "totRcptNo": 1},
+                                system_clock(), adopted=False)
+        wait_for(lambda: device.exists() and len(receipts(device.read_bytes())) == 1)
+    (printed,) = receipts(device.read_bytes())
+    assert b"TAX INVOICE" in printed and b"TEMPORARY" not in printed
 
 
 @pytest.mark.slow

@@ -36,6 +36,7 @@ from agent.receipt_format import render_escpos
 log = get_logger("agent.devices.printer")
 
 QUEUE_WARN = 1000  # jobs waiting: say so in the log (they are never dropped)
+SIGNATURE_WAIT_S = 0.5
 
 
 def send_bytes(url: str, data: bytes, *, baudrate: int = 9600, timeout: float = 10.0) -> None:
@@ -131,6 +132,11 @@ class Printer:
                         reason="the sale is no longer stored")
             self._jobs.dropped(sale_ref, job_kind)
             return True
+        if job_kind == "signed" and view["receipt"]["kind"] != "signed":
+            # The till was answered with KRA's signature, which the KRA lane stores a moment after the
+            # answer: read it once more rather than print a temporary receipt for a signed sale.
+            self._stop.wait(SIGNATURE_WAIT_S)
+            view = self._view(sale_ref) or view
         kind = view["receipt"]["kind"]  # signed meanwhile: the signed receipt is what the customer needs
         copy = self._outbox.prints_of(sale_ref, kind) > 0
         data = render_escpos(view, self.settings.width, copy=copy)

@@ -105,6 +105,8 @@ class KraLane:
         self._wake = asyncio.Event()
         self._settled: dict[int, asyncio.Event] = {}
         self._kra_s: dict[int, float] = {}  # how long KRA took to sign a sale a till is waiting for
+        # KRA's (invoice number, signature) for a sale a till is waiting for, handed over before it is stored
+        self._signatures: dict[int, tuple[int, dict[str, Any]]] = {}
         self._behind: Behind | None = None  # found while KRA worked on the sale ahead of it
         self._timer = timer
         self._guard = clock_guard
@@ -133,6 +135,11 @@ class KraLane:
     def kra_seconds(self, sale_ref: int) -> float | None:
         """How long the request that got this sale signed took (once; only for a sale waited for)."""
         return self._kra_s.pop(sale_ref, None)
+
+    def signature_of(self, sale_ref: int) -> tuple[int, dict[str, Any]] | None:
+        """KRA's invoice number and signature for a sale a till waited for (once): its answer is made
+        from them, because the signature's commit comes just after (see _signed)."""
+        return self._signatures.pop(sale_ref, None)
 
     async def wait_settled(self, sale_ref: int, timeout: float) -> bool:
         """Wait until the sale is signed or parked, at most `timeout` seconds."""
@@ -247,9 +254,21 @@ class KraLane:
         except Exception:  # only a head start: _signed looks again and meets (and reports) the same error
             self._behind = None
 
-    def _signed(self, work: KraWork, signature: dict[str, Any], *, adopted: bool) -> Numbered | None:
+    async def _signed(self, work: KraWork, invc_no: int, signature: dict[str, Any], *,
+                      adopted: bool) -> Numbered | None:
         """Store KRA's signature. When the sale behind it is ready, number it in the same transaction: one
-        commit and one fsync instead of two, the lane's largest cost between two requests to KRA."""
+        commit and one fsync instead of two, the lane's largest cost between two requests to KRA.
+
+        A till waiting for the sale gets its answer first, made from the signature in memory: that
+        commit has no fsync of its own, so a power cut could lose it after the answer anyway, and
+        after any stop before it the sale is in flight and the lane asks KRA and adopts the same
+        signature. Nothing on the event loop reads the sale between the two: the lane commits in the
+        very next step."""
+        if work.id in self._settled:
+            self._signatures[work.id] = (invc_no, signature)
+            self._settle(work.id)
+            await asyncio.sleep(0)  # the waiting request runs first, to its answer
+            self._signatures.pop(work.id, None)  # not taken: it gave up waiting meanwhile
         done = Signed(work.id, signature, adopted)
         behind, self._behind = self._behind, None
         if behind is None or behind.ahead != work.id:
@@ -362,7 +381,7 @@ class KraLane:
             if reply.ok:
                 if work.id in self._settled:  # a till waits: its answer says how much of it was KRA's
                     self._kra_s[work.id] = took
-                return self._signed(work, signature_from(reply.data or {}), adopted=False)
+                return await self._signed(work, invc_no, signature_from(reply.data or {}), adopted=False)
             if reply.outcome is Outcome.RETRY:
                 self._defer(work, "retry", reply)
                 return None
@@ -386,7 +405,8 @@ class KraLane:
             found = _first_sale(reply.data)
             if found is not None and str(found.get("trdInvcNo")) == work.sale_id:
                 log.info("kra_signature_adopted", sale=work.id, invc_no=work.invc_no)
-                return self._signed(work, signature_from(found.get("receipt") or {}), adopted=True)
+                return await self._signed(work, work.invc_no, signature_from(found.get("receipt") or {}),
+                                          adopted=True)
             other = None if found is None else found.get("trdInvcNo")
             self._park(work, "reconcile",
                        f"KRA holds invoice {work.invc_no} for another document ({other}); compare with KRA "
