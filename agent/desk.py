@@ -28,6 +28,7 @@ from agent.queue.retention import Retention, tombstone
 from agent.receipt_signing import ReceiptSigner
 from agent.receipts import Seller, receipt_chain, sale_status, sale_view
 from agent.scheduler import Job
+from agent.signing import Handover
 
 
 class Signer(Protocol):
@@ -40,8 +41,7 @@ class Signer(Protocol):
     def notify(self) -> None: ...
     def worth_waiting(self, budget_s: float) -> bool: ...
     async def wait_settled(self, sale_ref: int, timeout: float) -> bool: ...
-    def kra_seconds(self, sale_ref: int) -> float | None: ...
-    def signature_of(self, sale_ref: int) -> tuple[int, dict[str, Any]] | None: ...
+    def signature_of(self, sale_ref: int) -> Handover | None: ...
     async def run(self) -> None: ...
 
 
@@ -217,10 +217,11 @@ class SaleDesk:
                 if signed is None:  # parked: KRA refused it
                     record = ctx.outbox.by_id(record.id) or record
                 else:  # signed, and stored by the lane a moment after this answer
-                    record = dataclasses.replace(record, kra_state="signed", kra_invc_no=signed[0],
-                                                 kra_signature=signed[1], kra_signed_at=ctx.clock(), kra_error=None)
-                if (kra_s := signer.kra_seconds(record.id)) is not None:
-                    timings.append(("kra", kra_s))
+                    record = dataclasses.replace(record, kra_state="signed", kra_invc_no=signed.invc_no,
+                                                 kra_signature=signed.signature, kra_signed_at=ctx.clock(),
+                                                 kra_error=None)
+                    if signed.kra_s is not None:
+                        timings.append(("kra", signed.kra_s))
         try:
             ctx.outbox.make_durable(commit)  # no till hears of a sale before it is on the disk
         except StorageError as exc:  # stored, maybe not durably: the till sends it again, a replay

@@ -50,6 +50,15 @@ class Signed:
     adopted: bool
 
 
+@dataclass(frozen=True, slots=True)
+class Handover:
+    """What a till waiting for a sale is answered from, before the lane stores it."""
+
+    invc_no: int
+    signature: dict[str, Any]
+    kra_s: float | None  # how long KRA's request took (None: the signature was adopted after a restart)
+
+
 def backoff(attempts: int, *, base_s: float, cap_s: float, rand: random.Random) -> timedelta:
     """Exponential backoff with full jitter: uniform in [base/2, min(cap, base * 2**attempts)]."""
     ceiling = min(cap_s, base_s * (2 ** min(attempts, 30)))

@@ -27,7 +27,7 @@ from agent.kra.codes import Outcome, describe, expected_invoice_number
 from agent.kra.payloads import CreditNoteRef, Seller, item_request, parse_kra_datetime, sale_request
 from agent.logs import get_logger
 from agent.policy import ClockGuard
-from agent.signing import KraWork, Signed, backoff
+from agent.signing import Handover, KraWork, Signed, backoff
 
 log = get_logger("agent.kra.lane")
 
@@ -104,9 +104,7 @@ class KraLane:
         self._rand = rand or random.Random()
         self._wake = asyncio.Event()
         self._settled: dict[int, asyncio.Event] = {}
-        self._kra_s: dict[int, float] = {}  # how long KRA took to sign a sale a till is waiting for
-        # KRA's (invoice number, signature) for a sale a till is waiting for, handed over before it is stored
-        self._signatures: dict[int, tuple[int, dict[str, Any]]] = {}
+        self._signatures: dict[int, Handover] = {}  # for a sale a till is waiting for, before it is stored
         self._behind: Behind | None = None  # found while KRA worked on the sale ahead of it
         self._timer = timer
         self._guard = clock_guard
@@ -132,11 +130,7 @@ class KraLane:
             return False
         return self._store.backlog() * (self.round_trip_s or 0.0) <= budget_s
 
-    def kra_seconds(self, sale_ref: int) -> float | None:
-        """How long the request that got this sale signed took (once; only for a sale waited for)."""
-        return self._kra_s.pop(sale_ref, None)
-
-    def signature_of(self, sale_ref: int) -> tuple[int, dict[str, Any]] | None:
+    def signature_of(self, sale_ref: int) -> Handover | None:
         """KRA's invoice number and signature for a sale a till waited for (once): its answer is made
         from them, because the signature's commit comes just after (see _signed)."""
         return self._signatures.pop(sale_ref, None)
@@ -255,7 +249,7 @@ class KraLane:
             self._behind = None
 
     async def _signed(self, work: KraWork, invc_no: int, signature: dict[str, Any], *,
-                      adopted: bool) -> Numbered | None:
+                      adopted: bool, took: float | None = None) -> Numbered | None:
         """Store KRA's signature. When the sale behind it is ready, number it in the same transaction: one
         commit and one fsync instead of two, the lane's largest cost between two requests to KRA.
 
@@ -263,9 +257,9 @@ class KraLane:
         commit has no fsync of its own, so a power cut could lose it after the answer anyway, and
         after any stop before it the sale is in flight and the lane asks KRA and adopts the same
         signature. Nothing on the event loop reads the sale between the two: the lane commits in the
-        very next step."""
+        very next step. `took`: how long KRA's request took, for the answer's Server-Timing."""
         if work.id in self._settled:
-            self._signatures[work.id] = (invc_no, signature)
+            self._signatures[work.id] = Handover(invc_no, signature, took)
             self._settle(work.id)
             await asyncio.sleep(0)  # the waiting request runs first, to its answer
             self._signatures.pop(work.id, None)  # not taken: it gave up waiting meanwhile
@@ -379,9 +373,7 @@ class KraLane:
                 self._note_round_trip(took)
                 self._note_clock(reply.result_dt)
             if reply.ok:
-                if work.id in self._settled:  # a till waits: its answer says how much of it was KRA's
-                    self._kra_s[work.id] = took
-                return await self._signed(work, invc_no, signature_from(reply.data or {}), adopted=False)
+                return await self._signed(work, invc_no, signature_from(reply.data or {}), adopted=False, took=took)
             if reply.outcome is Outcome.RETRY:
                 self._defer(work, "retry", reply)
                 return None
