@@ -36,7 +36,7 @@ from agent.receipt_format import render_escpos
 log = get_logger("agent.devices.printer")
 
 QUEUE_WARN = 1000  # jobs waiting: say so in the log (they are never dropped)
-SIGNATURE_WAIT_S = 0.5
+SIGNATURE_WAIT_S = 0.5  # a job answered signed, its signature not stored yet: read again after this
 
 
 def send_bytes(url: str, data: bytes, *, baudrate: int = 9600, timeout: float = 10.0) -> None:

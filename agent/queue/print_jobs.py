@@ -9,6 +9,7 @@ before it, never a sale.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterable
 from datetime import datetime
 
@@ -44,15 +45,17 @@ class PrintJobs:
         """The job's receipt is on paper (`printed_kind`: signed, if KRA signed the sale meanwhile).
         Synced to disk, as every counted print is: the next print of it must say COPY."""
         with self._box._write() as conn:
-            conn.execute("DELETE FROM print_jobs WHERE printer = ? AND sale_ref = ? AND kind = ?",
-                         (self.printer, sale_ref, job_kind))
+            self._remove(conn, sale_ref, job_kind)
             count_print_in(conn, sale_ref, printed_kind, now)
 
     def dropped(self, sale_ref: int, job_kind: str) -> None:
         """The job's sale is no longer stored (retention pruned it): nothing to print."""
         with self._box._write(flush=False) as conn:
-            conn.execute("DELETE FROM print_jobs WHERE printer = ? AND sale_ref = ? AND kind = ?",
-                         (self.printer, sale_ref, job_kind))
+            self._remove(conn, sale_ref, job_kind)
+
+    def _remove(self, conn: sqlite3.Connection, sale_ref: int, job_kind: str) -> None:
+        conn.execute("DELETE FROM print_jobs WHERE printer = ? AND sale_ref = ? AND kind = ?",
+                     (self.printer, sale_ref, job_kind))
 
     def known(self, sale_ref: int) -> bool:
         """Whether a receipt of the sale was printed (by any printer, or rendered through the API) or
