@@ -33,6 +33,7 @@ from agent.kra.code_lists import CodeLists
 from agent.kra.device import Initialised, initialise
 from agent.kra.lane import KraLane, LaneSettings
 from agent.kra.payloads import Seller as PayloadSeller
+from agent.kra_window import KraWindow
 from agent.lock import DataDirLock
 from agent.logs import get_logger
 from agent.metrics import Metrics
@@ -160,7 +161,7 @@ def uses_builtin_simulator(cfg: Config) -> bool:
 
 
 def build_kra(cfg: Config, outbox: Outbox, clock: Clock, guard: ClockGuard | None = None,
-              metrics: Metrics | None = None) -> KraParts | None:
+              metrics: Metrics | None = None, window: KraWindow | None = None) -> KraParts | None:
     """The KRA lane for this device, or None (with a warning) while the device is not initialised."""
     store = KraStore(outbox)
     simulator = None
@@ -195,7 +196,7 @@ def build_kra(cfg: Config, outbox: Outbox, clock: Clock, guard: ClockGuard | Non
                    PayloadSeller(cfg.kra.tin, cfg.kra.branch_id, cfg.kra.user_id, cfg.kra.user_name), clock,
                    LaneSettings(backoff_base_s=cfg.kra.backoff_base_s, backoff_max_s=cfg.kra.backoff_max_s,
                                 origin_country=cfg.kra.origin_country), clock_guard=guard,
-                   on_round_trip=metrics.kra_round_trip.observe if metrics else None)
+                   on_round_trip=metrics.kra_round_trip.observe if metrics else None, window=window)
     seller = seller_of(cfg, outbox)
     assert seller is not None  # the identity was found above
     return KraParts(lane=lane, client=client, seller=seller, simulator=simulator)
@@ -314,7 +315,8 @@ class TsmsParts:
     simulator: Any = None  # the built-in simulator, when tsms.environment is "simulator"
 
 
-def build_tsms(cfg: Config, outbox: Outbox, clock: Clock, guard: ClockGuard | None = None) -> TsmsParts | None:
+def build_tsms(cfg: Config, outbox: Outbox, clock: Clock, guard: ClockGuard | None = None,
+               window: KraWindow | None = None) -> TsmsParts | None:
     """The head-office sync lane, or None when tsms.environment is off."""
     t = cfg.tsms
     if t.environment == "off":
@@ -339,7 +341,7 @@ def build_tsms(cfg: Config, outbox: Outbox, clock: Clock, guard: ClockGuard | No
                             batch_size=t.batch_size, max_body_bytes=t.max_body_bytes, interval_s=t.sync_interval_s,
                             backoff_base_s=t.backoff_base_s, backoff_max_s=t.backoff_max_s)
     lane = TsmsLane(TsmsStore(outbox), client, StoredCredentials(secrets, api_key), terminal, settings, clock,
-                    clock_guard=guard)
+                    clock_guard=guard, window=window)
     return TsmsParts(lane=lane, client=client, terminal=terminal, simulator=simulator)
 
 
@@ -363,8 +365,9 @@ def run(cfg: Config, *, clock: Clock = system_clock,
             p = cfg.policy
             guard = ClockGuard(ClockSettings(warn_s=p.clock_warn_s, refuse_s=p.clock_refuse_s))
             metrics = Metrics(outbox, clock)
-            kra = build_kra(cfg, outbox, clock, guard, metrics)
-            tsms = build_tsms(cfg, outbox, clock, guard)
+            window = KraWindow()  # head office's batches run while KRA works on a sale
+            kra = build_kra(cfg, outbox, clock, guard, metrics, window)
+            tsms = build_tsms(cfg, outbox, clock, guard, window)
             budget = BudgetSettings(warn_after_h=p.offline_warn_after_h, limit_h=p.offline_limit_h,
                                     count_limit=p.offline_count_limit, action=p.offline_action)
             codes = CodeLists(KraStore(outbox), kra.client if kra else None, clock, cfg.tax.default_rates)

@@ -17,6 +17,7 @@ from agent.kra.device import initialise
 from agent.kra.lane import KraLane, LaneSettings
 from agent.kra.payloads import Seller as PayloadSeller
 from agent.kra.simulator import Simulator
+from agent.kra_window import KraWindow
 from agent.policy import BudgetSettings, ClockGuard
 from agent.queue.kra_store import KraStore
 from agent.queue.outbox import Outbox
@@ -39,7 +40,8 @@ def init_key(sim: Simulator) -> tuple[Secret, str]:
 
 
 def kra_lane(outbox: Outbox, sim: Simulator, key: Secret, sdc_id: str, *, read_timeout: float = 2.0,
-             guard: ClockGuard | None = None, on_round_trip: Callable[[float], None] | None = None) -> KraLane:
+             guard: ClockGuard | None = None, on_round_trip: Callable[[float], None] | None = None,
+             window: KraWindow | None = None) -> KraLane:
     """The KRA lane of an agent on `outbox`, talking to `sim` (its client closes with the lane's app)."""
     store = KraStore(outbox)
     if store.device() is None:
@@ -49,7 +51,7 @@ def kra_lane(outbox: Outbox, sim: Simulator, key: Secret, sdc_id: str, *, read_t
                        read_timeout=read_timeout)
     return KraLane(store, client, PayloadSeller(TIN, BHF), system_clock,
                    LaneSettings(backoff_base_s=0.05, backoff_max_s=0.4), clock_guard=guard,
-                   on_round_trip=on_round_trip)
+                   on_round_trip=on_round_trip, window=window)
 
 
 def agent_client(db_path: Path, sim: Simulator, key: Secret, sdc_id: str, *, budget: float = 2.0,

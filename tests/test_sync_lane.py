@@ -3,6 +3,7 @@ once, whatever the server does. Every check of what head office holds reads the 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import Iterator
@@ -19,7 +20,9 @@ from agent.clock import system_clock
 from agent.intake import accept
 from agent.kra.simulator import Simulator as KraSimulator
 from agent.kra.simulator import SimulatorConfig as KraSimulatorConfig
+from agent.kra_window import KraWindow
 from agent.queue.outbox import Outbox
+from agent.queue.tsms_store import TsmsStore
 from agent.sync.lane import head_office_builder
 from agent.sync.simulator import Simulator, TsmsSimulatorConfig
 from agent.sync.transaction import Terminal
@@ -89,6 +92,35 @@ def test_fewer_than_a_batch_left_after_a_submission_wait_for_more(sim: Simulator
         post_many(client, 30, "B")  # while the 10 left over wait
         wait_for(lambda: all_synced(outbox))
     assert [s["transaction_count"] for s in sim.state()["submissions"].values()] == [50, 40]
+    assert_each_once(sim, outbox)
+    outbox.close()
+
+
+def test_head_office_steps_wait_while_the_kra_lane_works_between_requests(sim: Simulator, db_path: Path) -> None:
+    """A batch holds the event loop for milliseconds; a till waiting for KRA's answer would wait for it.
+    So it is neither read nor stored while the KRA lane works between two requests, and goes as soon
+    as the next request is on the wire (agent/kra_window.py)."""
+    box = Outbox.open(db_path)
+    rules = dataclasses.replace(RULES, head_office=head_office_builder(Terminal(SERIAL, "C-T1001")))
+    for i in range(3):
+        accept(box, make_sale(sale_id=f"A-{i}"), rules, system_clock())
+    window = KraWindow(idle_after_s=60.0)
+    _, outbox, lane = sync_agent(db_path, sim, outbox=box, window=window)
+
+    async def go() -> tuple[bool, float | None]:
+        window.answered()  # the KRA lane has just had an answer and is working on it
+        step = asyncio.create_task(lane.step())
+        await asyncio.sleep(0.3)
+        held = TsmsStore(outbox).open_submission() is None and not sim.state()["submissions"]
+        window.sent()
+        try:
+            async with asyncio.timeout(10):
+                return held, await step
+        finally:
+            await lane.close()
+    held, pause = asyncio.run(go())
+    assert held, "the batch was read and stored while the KRA lane was between two requests"
+    assert pause == 0.0 and all_synced(outbox)
     assert_each_once(sim, outbox)
     outbox.close()
 
@@ -178,17 +210,40 @@ def test_hardware_id_mismatch_is_a_configuration_error(db_path: Path) -> None:
 
 
 def test_kra_down_does_not_stop_head_office(sim: Simulator, db_path: Path) -> None:
-    """With KRA unreachable, sales get temporary receipts and still reach TSMS."""
+    """With KRA unreachable, sales get temporary receipts and still reach TSMS (whose steps wait for
+    the KRA lane's window, which an outage must leave open)."""
     with KraSimulator(KraSimulatorConfig()).start() as kra:
         key, sdc_id = init_key(kra)
         kra.set_faults(outage=True)
         outbox = Outbox.open(db_path)
-        lane = kra_lane(outbox, kra, key, sdc_id)
-        client, outbox, _ = sync_agent(db_path, sim, signer=lane, outbox=outbox, sign_budget_s=0.3)
+        window = KraWindow()
+        lane = kra_lane(outbox, kra, key, sdc_id, window=window)
+        client, outbox, _ = sync_agent(db_path, sim, signer=lane, outbox=outbox, sign_budget_s=0.3, window=window)
         with client:
             post_many(client, 5)
             wait_for(lambda: all_synced(outbox))
             assert all(s.kra_state != "signed" for s in outbox.all_sales())
+        assert_each_once(sim, outbox)
+        outbox.close()
+
+
+def test_head_office_syncs_while_kra_works_on_each_sale(sim: Simulator, db_path: Path) -> None:
+    """The KRA lane opens the window when its request is on the wire and closes it at KRA's answer:
+    with a bound of a minute, head office gets every sale only if the requests open it."""
+    with KraSimulator(KraSimulatorConfig()).start() as kra:
+        key, sdc_id = init_key(kra)
+        kra.set_faults(latency_ms=300)
+        outbox = Outbox.open(db_path)
+        window = KraWindow(idle_after_s=60.0)
+        lane = kra_lane(outbox, kra, key, sdc_id, window=window)
+        client, outbox, _ = sync_agent(db_path, sim, signer=lane, outbox=outbox, sign_budget_s=0.0, window=window,
+                                       batch_size=2)
+        with client:
+            post_many(client, 2, "A")
+            wait_for(lambda: any(s.kra_state == "signed" for s in outbox.all_sales()))
+            post_many(client, 8, "B")  # head office gets these only in KRA's windows
+            wait_for(lambda: all_synced(outbox) and all(s.kra_state == "signed" for s in outbox.all_sales()))
+            assert not window.is_open(), "KRA's last answer did not close the window"
         assert_each_once(sim, outbox)
         outbox.close()
 
@@ -199,8 +254,9 @@ def test_tsms_down_does_not_stop_signing(sim: Simulator, db_path: Path) -> None:
     with KraSimulator(KraSimulatorConfig()).start() as kra:
         key, sdc_id = init_key(kra)
         outbox = Outbox.open(db_path)
-        lane = kra_lane(outbox, kra, key, sdc_id)
-        client, outbox, _ = sync_agent(db_path, sim, signer=lane, outbox=outbox, sign_budget_s=2.0)
+        window = KraWindow()
+        lane = kra_lane(outbox, kra, key, sdc_id, window=window)
+        client, outbox, _ = sync_agent(db_path, sim, signer=lane, outbox=outbox, sign_budget_s=2.0, window=window)
         with client:
             for i in range(5):
                 assert client.post("/v1/sales", json=make_sale(sale_id=f"S-{i}")).json()["status"] == "signed"

@@ -25,6 +25,7 @@ from agent.jsonwire import wire_json
 from agent.kra.client import KraClient, KraReply
 from agent.kra.codes import Outcome, describe, expected_invoice_number
 from agent.kra.payloads import CreditNoteRef, Seller, item_request, parse_kra_datetime, sale_request
+from agent.kra_window import KraWindow
 from agent.logs import get_logger
 from agent.policy import ClockGuard
 from agent.signing import Handover, KraWork, Signed, backoff
@@ -95,7 +96,7 @@ class KraLane:
     def __init__(self, store: LaneStore, client: KraClient, seller: Seller, clock: Clock,
                  settings: LaneSettings = LaneSettings(), rand: random.Random | None = None,
                  timer: Callable[[], float] = time.perf_counter, clock_guard: ClockGuard | None = None,
-                 on_round_trip: Callable[[float], None] | None = None) -> None:
+                 on_round_trip: Callable[[float], None] | None = None, window: KraWindow | None = None) -> None:
         self._store = store
         self._client = client
         self._seller = seller
@@ -109,6 +110,7 @@ class KraLane:
         self._timer = timer
         self._guard = clock_guard
         self._on_round_trip = on_round_trip  # the metrics histogram
+        self._window = window  # told when a request is on the wire, for the head-office lane
         self.round_trip_s: float | None = None  # moving average of KRA's answer time to a sale
         self.online: bool | None = None  # None until the first answer (or failure) says
         self.last_error: str | None = None
@@ -239,14 +241,16 @@ class KraLane:
             return None
         return Behind(ahead.id, work, self._builder(work, guess))
 
-    def _look_behind(self, ahead: KraWork, invc_no: int) -> None:
+    def _on_sent(self, ahead: KraWork, invc_no: int) -> None:
         """While KRA works on `ahead` (its request is on the wire): find the sale behind it and build
         its request for the next number, so that once KRA signs, nothing is left to read or build
-        before that sale is numbered and sent."""
+        before that sale is numbered and sent. Then open the window for the head-office lane."""
         try:
             self._behind = self._find_behind(ahead, guess=invc_no + 1)
         except Exception:  # only a head start: _signed looks again and meets (and reports) the same error
             self._behind = None
+        if self._window is not None:
+            self._window.sent()
 
     async def _signed(self, work: KraWork, invc_no: int, signature: dict[str, Any], *,
                       adopted: bool, took: float | None = None) -> Numbered | None:
@@ -367,7 +371,11 @@ class KraLane:
         for _ in range(3):  # at most two renumberings in a row; then a person should look
             self._behind = None
             started = self._timer()
-            reply = await self._client.save_sale(request, on_sent=functools.partial(self._look_behind, work, invc_no))
+            try:
+                reply = await self._client.save_sale(request, on_sent=functools.partial(self._on_sent, work, invc_no))
+            finally:
+                if self._window is not None:
+                    self._window.answered()
             took = self._timer() - started
             if reply.code.isdigit():  # KRA answered; a refused connection says nothing of its speed
                 self._note_round_trip(took)

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 from agent.errors import StorageError
 from agent.jsonwire import wire_json
+from agent.kra_window import KraWindow
 from agent.logs import get_logger
 from agent.policy import ClockGuard
 from agent.queue.tsms_store import PendingVoid, Submission, TsmsStore
@@ -95,8 +96,8 @@ def head_office_builder(terminal: Terminal, new_id: Callable[[], str] = lambda: 
 BACKGROUND_PAUSE_S = 0.001  # after each transaction signed: the lane takes at most about a quarter of the loop
 
 
-async def signed_transactions(texts: list[str], version: str,
-                              pause_s: float = BACKGROUND_PAUSE_S) -> list[SignedTransaction]:
+async def signed_transactions(texts: list[str], version: str, pause_s: float = BACKGROUND_PAUSE_S,
+                              window: KraWindow | None = None) -> list[SignedTransaction]:
     """Each stored transaction text with its checksum, made on the event loop one at a time.
 
     The checksums are pure Python over every value: about 0.3 ms a transaction. A pause after each
@@ -104,9 +105,11 @@ async def signed_transactions(texts: list[str], version: str,
     they held up every sale meanwhile (bench/head_office_load.py: till latency p99 27 ms against
     6 ms): the event loop lets go of the GIL at each SQLite call and then waits up to 5 ms to get it
     back, many times per sale. Head office's rate limit leaves time for the pauses: 50 transactions
-    take about 65 ms, and a batch goes about once a second."""
+    take about 65 ms, and a batch goes about once a second. With a `window`, each waits for it too."""
     signed = []
     for text in texts:
+        if window is not None:
+            await window.wait()
         signed.append(sign_transaction(json.loads(text, parse_float=Decimal), version))
         await asyncio.sleep(pause_s)
     return signed
@@ -115,8 +118,9 @@ async def signed_transactions(texts: list[str], version: str,
 class TsmsLane:
     def __init__(self, store: TsmsStore, client: TsmsClient, credentials: Credentials, terminal: Terminal,
                  settings: SyncSettings, clock: Callable[[], datetime], rand: random.Random | None = None,
-                 clock_guard: ClockGuard | None = None) -> None:
+                 clock_guard: ClockGuard | None = None, window: KraWindow | None = None) -> None:
         self._store, self._client, self._credentials = store, client, credentials
+        self._window = window  # each step that holds the event loop waits for KRA's (agent/kra_window.py)
         self._terminal, self._settings, self._clock = terminal, settings, clock
         self._rand = rand or random.Random()
         self._guard = clock_guard
@@ -131,6 +135,10 @@ class TsmsLane:
 
     def notify(self) -> None:
         self._wake.set()
+
+    async def close(self) -> None:
+        """Close the lane's connection to head office (when the agent stops)."""
+        await self._client.aclose()
 
     async def run(self) -> None:
         while True:
@@ -170,12 +178,14 @@ class TsmsLane:
     async def step(self) -> float | None:
         """Send one submission (stored first if new); returns how long to wait before the next step
         (0: go on at once; None: nothing to send, wait until woken or the sync interval)."""
+        await self._turn()
         submission = self._store.open_submission() or await self._new_submission()
         if submission is None:
             return await self._void_step()
         token = await self._token()
         if token is None:
             return self._pause_for_failure()
+        await self._turn()
         reply = await self._client.submit(submission.body, token, submission.uuid)
         if reply.outcome is Outcome.UNAUTHORIZED:  # revoked or expired: one new token, same bytes
             self._credentials.save_token(None)
@@ -183,7 +193,12 @@ class TsmsLane:
             if token is None:
                 return self._pause_for_failure()
             reply = await self._client.submit(submission.body, token, submission.uuid)
+        await self._turn()
         return self._settle(submission, reply)
+
+    async def _turn(self) -> None:
+        if self._window is not None:
+            await self._window.wait()
 
     async def _void_step(self) -> float | None:
         """Settle the oldest credit note whose original head office holds: a whole-sale credit note
@@ -236,7 +251,8 @@ class TsmsLane:
     async def _body(self, submission_uuid: str, texts: list[str]) -> tuple[str, int]:
         """The signed submission body for the first of these transactions that fit under the server's
         size limit, and how many went in."""
-        transactions = await signed_transactions(texts, self._terminal.protocol)
+        transactions = await signed_transactions(texts, self._terminal.protocol, window=self._window)
+        await self._turn()
         while True:
             body = self._envelope(submission_uuid, transactions)
             if len(body.encode()) <= self._settings.max_body_bytes or len(transactions) == 1:
