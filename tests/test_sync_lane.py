@@ -4,6 +4,7 @@ once, whatever the server does. Every check of what head office holds reads the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from collections.abc import Iterator
@@ -122,6 +123,34 @@ def test_head_office_steps_wait_while_the_kra_lane_works_between_requests(sim: S
     assert held, "the batch was read and stored while the KRA lane was between two requests"
     assert pause == 0.0 and all_synced(outbox)
     assert_each_once(sim, outbox)
+    outbox.close()
+
+
+def test_head_office_four_batches_behind_stops_waiting_for_kra(sim: Simulator, db_path: Path) -> None:
+    """In a rush the window would let head office take a few steps per KRA request, and it would fall
+    ever further behind: from four batches behind it goes at once, until it is nearer again."""
+    box = Outbox.open(db_path)
+    rules = dataclasses.replace(RULES, head_office=head_office_builder(Terminal(SERIAL, "C-T1001")))
+    for i in range(10):
+        accept(box, make_sale(sale_id=f"A-{i}"), rules, system_clock())
+    window = KraWindow(idle_after_s=60.0)
+    _, outbox, lane = sync_agent(db_path, sim, outbox=box, window=window, batch_size=2)
+
+    async def go() -> list[int]:
+        window.answered()  # the KRA lane is busy between two requests, and stays so
+        synced = []
+        try:
+            for _ in range(3):
+                step = asyncio.create_task(lane.step())
+                await asyncio.sleep(0.3)
+                synced.append(sum(s.tsms_state == "synced" for s in outbox.all_sales()))
+                step.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await step
+        finally:
+            await lane.close()
+        return synced
+    assert asyncio.run(go()) == [2, 4, 4]  # 10 waiting, then 8: behind; then 6 wait for the window
     outbox.close()
 
 

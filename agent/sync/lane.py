@@ -93,11 +93,13 @@ def head_office_builder(terminal: Terminal, new_id: Callable[[], str] = lambda: 
     return build
 
 
+CATCH_UP_BATCHES = 4  # this far behind, head office stops waiting for KRA's window (see _turn); coalescing
+# alone leaves it up to 2 batches behind at 40 sales/s
 BACKGROUND_PAUSE_S = 0.001  # after each transaction signed: the lane takes at most about a quarter of the loop
 
 
-async def signed_transactions(texts: list[str], version: str, pause_s: float = BACKGROUND_PAUSE_S,
-                              window: KraWindow | None = None) -> list[SignedTransaction]:
+async def signed_transactions(texts: list[str], version: str,
+                              pause_s: float = BACKGROUND_PAUSE_S) -> list[SignedTransaction]:
     """Each stored transaction text with its checksum, made on the event loop one at a time.
 
     The checksums are pure Python over every value: about 0.3 ms a transaction. A pause after each
@@ -105,11 +107,9 @@ async def signed_transactions(texts: list[str], version: str, pause_s: float = B
     they held up every sale meanwhile (bench/head_office_load.py: till latency p99 27 ms against
     6 ms): the event loop lets go of the GIL at each SQLite call and then waits up to 5 ms to get it
     back, many times per sale. Head office's rate limit leaves time for the pauses: 50 transactions
-    take about 65 ms, and a batch goes about once a second. With a `window`, each waits for it too."""
+    take about 65 ms, and a batch goes about once a second."""
     signed = []
     for text in texts:
-        if window is not None:
-            await window.wait()
         signed.append(sign_transaction(json.loads(text, parse_float=Decimal), version))
         await asyncio.sleep(pause_s)
     return signed
@@ -121,6 +121,7 @@ class TsmsLane:
                  clock_guard: ClockGuard | None = None, window: KraWindow | None = None) -> None:
         self._store, self._client, self._credentials = store, client, credentials
         self._window = window  # each step that holds the event loop waits for KRA's (agent/kra_window.py)
+        self._waits = window  # the window, while head office is up to date (see step)
         self._terminal, self._settings, self._clock = terminal, settings, clock
         self._rand = rand or random.Random()
         self._guard = clock_guard
@@ -153,11 +154,11 @@ class TsmsLane:
                 pause = 30.0
             if pause is None:  # idle: until a new sale wakes the lane, or the next sync round
                 await self._sleep(self._settings.interval_s)
-                await self._coalesce(self._store.backlog())
+                await self._coalesce(self._store.backlog(at_most=self._limit))
             elif pause > 0:  # Retry-After or backoff: new sales must not cut it short
                 await asyncio.sleep(pause)
                 self._wake.clear()
-            elif backlog := self._store.backlog():  # sent: the next batch at once only if it is full
+            elif backlog := self._store.backlog(at_most=self._limit):  # sent: the next batch at once if full
                 await self._coalesce(backlog)
 
     async def _coalesce(self, backlog: int) -> None:
@@ -178,6 +179,9 @@ class TsmsLane:
     async def step(self) -> float | None:
         """Send one submission (stored first if new); returns how long to wait before the next step
         (0: go on at once; None: nothing to send, wait until woken or the sync interval)."""
+        if self._window is not None:
+            behind = CATCH_UP_BATCHES * self._limit
+            self._waits = self._window if self._store.backlog(at_most=behind) < behind else None
         await self._turn()
         submission = self._store.open_submission() or await self._new_submission()
         if submission is None:
@@ -185,7 +189,6 @@ class TsmsLane:
         token = await self._token()
         if token is None:
             return self._pause_for_failure()
-        await self._turn()
         reply = await self._client.submit(submission.body, token, submission.uuid)
         if reply.outcome is Outcome.UNAUTHORIZED:  # revoked or expired: one new token, same bytes
             self._credentials.save_token(None)
@@ -197,8 +200,12 @@ class TsmsLane:
         return self._settle(submission, reply)
 
     async def _turn(self) -> None:
-        if self._window is not None:
-            await self._window.wait()
+        """Wait for KRA's window (agent/kra_window.py) while head office is up to date. Further behind,
+        catching up comes first: waiting for a window before each step, head office would fall further
+        behind in a rush (it gets a few steps per KRA request), and each sale waiting for it keeps its
+        transaction text in the outbox meanwhile."""
+        if self._waits is not None:
+            await self._waits.wait()
 
     async def _void_step(self) -> float | None:
         """Settle the oldest credit note whose original head office holds: a whole-sale credit note
@@ -251,7 +258,7 @@ class TsmsLane:
     async def _body(self, submission_uuid: str, texts: list[str]) -> tuple[str, int]:
         """The signed submission body for the first of these transactions that fit under the server's
         size limit, and how many went in."""
-        transactions = await signed_transactions(texts, self._terminal.protocol, window=self._window)
+        transactions = await signed_transactions(texts, self._terminal.protocol)
         await self._turn()
         while True:
             body = self._envelope(submission_uuid, transactions)
