@@ -367,7 +367,7 @@ def run(cfg: Config, *, clock: Clock = system_clock,
             metrics = Metrics(outbox, clock)
             window = KraWindow()  # head office's batches run while KRA works on a sale
             kra = build_kra(cfg, outbox, clock, guard, metrics, window)
-            tsms = build_tsms(cfg, outbox, clock, guard, window)
+            tsms = build_tsms(cfg, outbox, clock, guard, window if kra else None)
             budget = BudgetSettings(warn_after_h=p.offline_warn_after_h, limit_h=p.offline_limit_h,
                                     count_limit=p.offline_count_limit, action=p.offline_action)
             codes = CodeLists(KraStore(outbox), kra.client if kra else None, clock, cfg.tax.default_rates)

@@ -4,12 +4,12 @@ A till waiting for its signature is answered the moment KRA's answer lands, unle
 then. Head office's batches hold it for a few milliseconds at a time (reading 50 sales, storing the
 submission, settling it); met by KRA's answer, each adds its length to that till's wait, and these
 made the tail of the online answer time (docs/performance.md). The KRA lane leaves the loop idle
-while its request is on the wire, for the whole of KRA's round trip, so the head-office lane waits
-for that window before each such step.
+while its request is on the wire, for the whole of KRA's round trip, so the head-office lane, while
+it is nearly up to date, waits for that window before each such step (agent/sync/lane.py).
 
 The wait is bounded so that neither lane can hold the other up: there is none while a request is on
-the wire or once the KRA lane has sent nothing for `idle_after_s` (KRA down, nothing to sign, a
-request that never got written), and none longer than that after KRA's last answer.
+the wire or once `idle_after_s` has passed since KRA's last answer (KRA down, nothing to sign, a
+request that never got written), and none longer than that.
 """
 
 from __future__ import annotations

@@ -71,7 +71,8 @@ class TsmsStore:
         return [Unsynced(*r) for r in rows]
 
     def backlog(self, at_most: int = -1) -> int:
-        """How many sales wait for head office; counting stops at `at_most` (a few rows read, not all)."""
+        """How many sales wait for head office; counting stops at `at_most` (that many rows read, not
+        all; -1 counts all)."""
         with self._box._read() as conn:
             count: int = conn.execute(f"SELECT count(*) FROM (SELECT 1 FROM sales WHERE {TSMS_PENDING} AND "
                                       "kind = 'sale' LIMIT ?)", (at_most,)).fetchone()[0]

@@ -93,8 +93,9 @@ def head_office_builder(terminal: Terminal, new_id: Callable[[], str] = lambda: 
     return build
 
 
-CATCH_UP_BATCHES = 4  # this far behind, head office stops waiting for KRA's window (see _turn); coalescing
-# alone leaves it up to 2 batches behind at 40 sales/s
+# From this many batches behind, head office stops waiting for KRA's window (see _turn). Coalescing
+# alone leaves up to two batches waiting when sales come 40 a second.
+CATCH_UP_BATCHES = 4
 BACKGROUND_PAUSE_S = 0.001  # after each transaction signed: the lane takes at most about a quarter of the loop
 
 
@@ -120,8 +121,8 @@ class TsmsLane:
                  settings: SyncSettings, clock: Callable[[], datetime], rand: random.Random | None = None,
                  clock_guard: ClockGuard | None = None, window: KraWindow | None = None) -> None:
         self._store, self._client, self._credentials = store, client, credentials
-        self._window = window  # each step that holds the event loop waits for KRA's (agent/kra_window.py)
-        self._waits = window  # the window, while head office is up to date (see step)
+        self._window = window  # KRA's window (agent/kra_window.py), see _turn
+        self._up_to_date = True  # fewer than CATCH_UP_BATCHES wait: steps wait for the window
         self._terminal, self._settings, self._clock = terminal, settings, clock
         self._rand = rand or random.Random()
         self._guard = clock_guard
@@ -181,7 +182,7 @@ class TsmsLane:
         (0: go on at once; None: nothing to send, wait until woken or the sync interval)."""
         if self._window is not None:
             behind = CATCH_UP_BATCHES * self._limit
-            self._waits = self._window if self._store.backlog(at_most=behind) < behind else None
+            self._up_to_date = self._store.backlog(at_most=behind) < behind
         await self._turn()
         submission = self._store.open_submission() or await self._new_submission()
         if submission is None:
@@ -200,12 +201,12 @@ class TsmsLane:
         return self._settle(submission, reply)
 
     async def _turn(self) -> None:
-        """Wait for KRA's window (agent/kra_window.py) while head office is up to date. Further behind,
-        catching up comes first: waiting for a window before each step, head office would fall further
-        behind in a rush (it gets a few steps per KRA request), and each sale waiting for it keeps its
-        transaction text in the outbox meanwhile."""
-        if self._waits is not None:
-            await self._waits.wait()
+        """Before a step that holds the event loop (reading a batch, storing it, settling the answer):
+        wait for KRA's window while head office is nearly up to date. Further behind, catching up comes
+        first: with a few steps per KRA request, head office would fall ever further behind in a rush,
+        and each sale waiting for it keeps its transaction text in the outbox meanwhile."""
+        if self._window is not None and self._up_to_date:
+            await self._window.wait()
 
     async def _void_step(self) -> float | None:
         """Settle the oldest credit note whose original head office holds: a whole-sale credit note
