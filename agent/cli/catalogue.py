@@ -30,19 +30,20 @@ from agent.kra.catalogue import (
     Catalogue,
     CodesRefresh,
     Defaults,
+    Failures,
     ItemResult,
     KnownCodes,
     ListChange,
     Planned,
     Registration,
     Status,
-    WatchedClient,
     cached_known_codes,
     parse_catalogue,
     plan,
     refresh_codes,
     register,
 )
+from agent.kra.client import KraClient
 from agent.kra.codes import Outcome, describe
 from agent.kra.payloads import Seller
 from agent.logs import configure, get_logger
@@ -93,9 +94,9 @@ def _device_key(cfg: Config, outbox: Outbox) -> Secret:
     return key
 
 
-def _client(cfg: Config, key: Secret) -> WatchedClient:
-    return WatchedClient(cfg.kra.url, tin=cfg.kra.tin, bhf_id=cfg.kra.branch_id, cmc_key=key,
-                         connect_timeout=cfg.kra.connect_timeout_s, read_timeout=cfg.kra.read_timeout_s)
+def _client(cfg: Config, key: Secret, failures: Failures | None = None) -> KraClient:
+    return KraClient(cfg.kra.url, tin=cfg.kra.tin, bhf_id=cfg.kra.branch_id, cmc_key=key,
+                     connect_timeout=cfg.kra.connect_timeout_s, read_timeout=cfg.kra.read_timeout_s, on_reply=failures)
 
 
 def _seller(cfg: Config) -> Seller:
@@ -132,10 +133,11 @@ def codes_refresh(config: ConfigOption = None, as_json: JsonOption = False) -> N
         _check_reachable(cfg)
         _configure_logs(cfg)
         with _device_outbox(cfg) as outbox:
-            client = _client(cfg, _device_key(cfg, outbox))
+            failures = Failures()
+            client = _client(cfg, _device_key(cfg, outbox), failures)
             if sys.stderr.isatty() and not as_json:  # the item classes can take a while on a slow line
                 typer.echo(f"asking KRA at {cfg.kra.url} ...", err=True)
-            result = asyncio.run(_refresh(KraStore(outbox), client, cfg))
+            result = asyncio.run(_refresh(KraStore(outbox), client, failures, cfg))
         if not result.ok:
             raise KraError(_refresh_failure(cfg, result))
     if as_json:
@@ -145,9 +147,9 @@ def codes_refresh(config: ConfigOption = None, as_json: JsonOption = False) -> N
     _print_refresh(result)
 
 
-async def _refresh(store: KraStore, client: WatchedClient, cfg: Config) -> CodesRefresh:
+async def _refresh(store: KraStore, client: KraClient, failures: Failures, cfg: Config) -> CodesRefresh:
     try:
-        return await refresh_codes(store, client, system_clock, cfg.tax.default_rates)
+        return await refresh_codes(store, client, failures, system_clock, cfg.tax.default_rates)
     finally:
         await client.aclose()
 
@@ -333,7 +335,7 @@ def _would(p: Planned) -> Status:
     return Status.UPDATED if p.previous is not None else Status.REGISTERED
 
 
-async def _register(planned: list[Planned], client: WatchedClient, store: KraStore) -> Registration:
+async def _register(planned: list[Planned], client: KraClient, store: KraStore) -> Registration:
     try:
         with progress_bar("saveItem") as step:
             sent = 0

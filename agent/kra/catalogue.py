@@ -469,20 +469,16 @@ async def _send(p: Planned, client: KraClient, store: KraStore, clock: Clock, do
 
 # --- code lists on demand ---------------------------------------------------------------------------
 
-class WatchedClient(KraClient):
-    """A KraClient that keeps every answer that was neither a success nor "nothing new", so a command can
-    say why a refresh failed (CodeLists only logs it)."""
+class Failures:
+    """Every KRA answer that was neither a success nor "nothing new" (give it to KraClient as
+    `on_reply`), so a command can say why a refresh failed (CodeLists only logs it)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.failures: list[tuple[str, KraReply]] = []
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, KraReply]] = []
 
-    async def call(self, path: str, body: dict[str, Any] | str, *, device_headers: bool = True,
-                   on_sent: Callable[[], None] | None = None) -> KraReply:
-        reply = await super().call(path, body, device_headers=device_headers, on_sent=on_sent)
+    def __call__(self, path: str, reply: KraReply) -> None:
         if not reply.ok and reply.outcome is not Outcome.EMPTY:
-            self.failures.append((path, reply))
-        return reply
+            self.seen.append((path, reply))
 
 
 @dataclass(frozen=True, slots=True)
@@ -515,9 +511,10 @@ class CodesRefresh:
                 "errors": [{"path": path, "code": r.code, "message": r.message} for path, r in self.failures]}
 
 
-async def refresh_codes(store: KraStore, client: WatchedClient, clock: Clock,
+async def refresh_codes(store: KraStore, client: KraClient, failures: Failures, clock: Clock,
                         default_rates: Mapping[str, Decimal]) -> CodesRefresh:
-    """What the scheduler's refresh does (CodeLists.refresh), now, with what it changed in the cache."""
+    """What the scheduler's refresh does (CodeLists.refresh), now, with what it changed in the cache;
+    `failures` is the client's `on_reply`."""
     before_codes, before_classes = _cached(store, CODES), _cached(store, ITEM_CLASSES)
     lists = CodeLists(store, client, clock, default_rates)
     rates_before = dict(lists.rates())
@@ -528,7 +525,7 @@ async def refresh_codes(store: KraStore, client: WatchedClient, clock: Clock,
         ok=ok, code_classes=len(after_codes[0]),
         codes=_change(_flat_codes(before_codes[0]), _flat_codes(after_codes[0]), after_codes[1]),
         item_classes=_change(before_classes[0], after_classes[0], after_classes[1]),
-        rates_before=rates_before, rates=rates, failures=tuple(client.failures))
+        rates_before=rates_before, rates=rates, failures=tuple(failures.seen))
 
 
 def cached_known_codes(store: KraStore) -> KnownCodes:

@@ -66,8 +66,10 @@ class KraClient:
 
     def __init__(self, base_url: str, *, tin: str, bhf_id: str, cmc_key: Secret | None,
                  connect_timeout: float = 5.0, read_timeout: float = 30.0,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 transport: httpx.AsyncBaseTransport | None = None,
+                 on_reply: Callable[[str, KraReply], None] | None = None) -> None:
         self._tin, self._bhf_id, self._cmc_key = tin, bhf_id, cmc_key
+        self._on_reply = on_reply  # told every endpoint's reply (a command that reports failures)
         self._http = Upstream(base_url, connect_timeout=connect_timeout, read_timeout=read_timeout,
                               transport=transport)
 
@@ -86,9 +88,12 @@ class KraClient:
                            cmcKey=self._cmc_key.reveal() if self._cmc_key else "")
         try:
             answer = await self._http.post(f"/{path}", content, headers, on_sent=on_sent)
+            reply = parse_reply(answer.status, answer.body)
         except httpx.HTTPError as exc:
-            return _transport_failure(exc)
-        return parse_reply(answer.status, answer.body)
+            reply = _transport_failure(exc)
+        if self._on_reply is not None:
+            self._on_reply(path, reply)
+        return reply
 
     # --- the endpoints the agent uses (kra-oscu.md §2) ----------------------------------------
 
