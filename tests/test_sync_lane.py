@@ -49,6 +49,19 @@ def post_many(client: TestClient, n: int, prefix: str = "S") -> None:
         assert client.post("/v1/sales", json=make_sale(sale_id=f"{prefix}-{i}")).status_code == 201
 
 
+def stored(db_path: Path, count: int) -> Outbox:
+    """An outbox holding `count` sales (A-0, A-1, ...) that wait for head office."""
+    box = Outbox.open(db_path)
+    rules = dataclasses.replace(RULES, head_office=head_office_builder(Terminal(SERIAL, "C-T1001")))
+    for i in range(count):
+        accept(box, make_sale(sale_id=f"A-{i}"), rules, system_clock())
+    return box
+
+
+def synced_count(outbox: Outbox) -> int:
+    return sum(s.tsms_state == "synced" for s in outbox.all_sales())
+
+
 def all_synced(outbox: Outbox) -> bool:
     return all(s.tsms_state == "synced" for s in outbox.all_sales())
 
@@ -83,10 +96,7 @@ def test_single_and_batch_submissions(sim: Simulator, db_path: Path) -> None:
 def test_fewer_than_a_batch_left_after_a_submission_wait_for_more(sim: Simulator, db_path: Path) -> None:
     """After a submission, the sales left over (fewer than a batch) wait `coalesce_s` for more to
     arrive instead of going at once: each submission costs a request, a row and journal entries."""
-    box = Outbox.open(db_path)
-    rules = dataclasses.replace(RULES, head_office=head_office_builder(Terminal(SERIAL, "C-T1001")))
-    for i in range(60):
-        accept(box, make_sale(sale_id=f"A-{i}"), rules, system_clock())
+    box = stored(db_path, 60)
     client, outbox, _ = sync_agent(db_path, sim, batch_size=50, coalesce_s=1.0, outbox=box)
     with client:
         wait_for(lambda: len(sim.state()["submissions"]) >= 1)
@@ -101,10 +111,7 @@ def test_head_office_steps_wait_while_the_kra_lane_works_between_requests(sim: S
     """A batch holds the event loop for milliseconds; a till waiting for KRA's answer would wait for it.
     So it is neither read nor stored while the KRA lane works between two requests, and goes as soon
     as the next request is on the wire (agent/kra_window.py)."""
-    box = Outbox.open(db_path)
-    rules = dataclasses.replace(RULES, head_office=head_office_builder(Terminal(SERIAL, "C-T1001")))
-    for i in range(3):
-        accept(box, make_sale(sale_id=f"A-{i}"), rules, system_clock())
+    box = stored(db_path, 3)
     window = KraWindow(idle_after_s=60.0)
     _, outbox, lane = sync_agent(db_path, sim, outbox=box, window=window)
 
@@ -129,10 +136,7 @@ def test_head_office_steps_wait_while_the_kra_lane_works_between_requests(sim: S
 def test_head_office_four_batches_behind_stops_waiting_for_kra(sim: Simulator, db_path: Path) -> None:
     """In a rush the window would let head office take a few steps per KRA request, and it would fall
     ever further behind: from four batches behind it goes at once, until it is nearer again."""
-    box = Outbox.open(db_path)
-    rules = dataclasses.replace(RULES, head_office=head_office_builder(Terminal(SERIAL, "C-T1001")))
-    for i in range(10):
-        accept(box, make_sale(sale_id=f"A-{i}"), rules, system_clock())
+    box = stored(db_path, 10)
     window = KraWindow(idle_after_s=60.0)
     _, outbox, lane = sync_agent(db_path, sim, outbox=box, window=window, batch_size=2)
 
@@ -143,7 +147,7 @@ def test_head_office_four_batches_behind_stops_waiting_for_kra(sim: Simulator, d
             for _ in range(2):  # 10 waiting, then 8: four batches behind, so no wait
                 async with asyncio.timeout(10):
                     await lane.step()
-                synced.append(sum(s.tsms_state == "synced" for s in outbox.all_sales()))
+                synced.append(synced_count(outbox))
             step = asyncio.create_task(lane.step())  # 6 waiting: the window again
             await asyncio.sleep(0.3)
             waited = not step.done()
@@ -154,7 +158,7 @@ def test_head_office_four_batches_behind_stops_waiting_for_kra(sim: Simulator, d
             await lane.close()
         return synced, waited
     assert asyncio.run(go()) == ([2, 4], True)
-    assert sum(s.tsms_state == "synced" for s in outbox.all_sales()) == 4
+    assert synced_count(outbox) == 4
     outbox.close()
 
 
